@@ -1,0 +1,146 @@
+"""LingModel: embedding, the layer stack (head, scanned groups, tail), final norm, LM head and MTP layers."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ling.block import DecoderBlock, MTPLayer
+from ling.cache import DecodeCache
+from ling.config import LingConfig
+from ling.layers.context import ForwardContext
+from ling.layers.norms import RMSNorm
+from ling.layers.params import param
+from ling.layers.rope import rope_table
+from ling.stack import LayerGroup, Remat, StackPlan, apply_stacked, stack_modules
+
+
+@dataclasses.dataclass
+class ModelOutput:
+    logits: jax.Array  # [B, T, vocab] float32
+    cache: DecodeCache | None = None
+    mtp_logits: list[jax.Array] | None = None  # one [B, T, vocab] per MTP layer
+    expert_load: jax.Array | None = None  # [n_moe_layers, E] tokens per expert, MoE layers in layer order (+ MTP)
+    intermediates: dict | None = None  # "hidden" [L, B, T, D], "topk_idx" / "router_logits" [n_moe, B, T, ...]
+
+
+jax.tree_util.register_dataclass(ModelOutput, data_fields=[f.name for f in dataclasses.fields(ModelOutput)],
+                                 meta_fields=[])
+
+
+class LingModel(nnx.Module):
+    """BailingMoeV2_5ForCausalLM in Flax NNX.
+
+    dtype is the compute dtype, param_dtype the storage dtype. remat picks what scanned layers keep for the
+    backward pass; scan_layers=False unrolls the groups (same parameters, same results).
+    """
+
+    def __init__(self, config: LingConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs,
+                 remat: Remat | str = Remat.NONE, scan_layers: bool = True):
+        c = config
+        self.config = config
+        self.dtype = dtype
+        self.remat = Remat(remat)
+        self.scan_layers = scan_layers
+        self.plan = StackPlan.from_config(c)
+        kw = dict(dtype=dtype, param_dtype=param_dtype)
+        self.word_embeddings = param(rngs, (c.vocab_size, c.hidden_size), ("vocab", "embed"), dtype=param_dtype,
+                                     std=c.initializer_range)
+        block = lambda i, r: DecoderBlock(c, mla=c.is_mla_layer(i), moe=c.is_moe_layer(i), rngs=r, **kw)
+        self.head = nnx.List([block(i, rngs) for i in self.plan.head])
+        self.groups = (stack_modules(lambda r: LayerGroup(c, rngs=r, **kw), self.plan.n_groups, rngs)
+                       if self.plan.n_groups else None)
+        self.tail = nnx.List([block(i, rngs) for i in self.plan.tail])
+        self.norm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps, logical_axis="embed", param_dtype=param_dtype,
+                            rngs=rngs)
+        self.lm_head = (None if c.tie_word_embeddings else
+                        param(rngs, (c.hidden_size, c.vocab_size), ("embed", "vocab"), dtype=param_dtype,
+                              std=c.initializer_range))
+        self.mtp = nnx.List([MTPLayer(c, rngs=rngs, **kw) for _ in range(c.num_nextn_predict_layers)])
+
+    # ----- public API -----
+    def __call__(self, input_ids, positions=None, segment_ids=None, *, return_mtp_logits: bool = False):
+        """input_ids [B, T] -> float32 logits [B, T, vocab]; with return_mtp_logits, (logits, [mtp logits])."""
+        out = self.forward(input_ids, positions, segment_ids, return_mtp=return_mtp_logits)
+        return (out.logits, out.mtp_logits) if return_mtp_logits else out.logits
+
+    def forward(self, input_ids, positions=None, segment_ids=None, *, cache: DecodeCache | None = None,
+                return_mtp: bool = False, collect: bool = False) -> ModelOutput:
+        """The full forward pass.
+
+        input_ids [B, T] int; positions [B, T] (default 0..T-1, or continuing from cache.lengths); segment_ids
+        [B, T] document ids of packed rows (attention and the Lightning state never cross a change of id). With
+        `cache`, the T tokens extend each cached sequence and the updated cache is returned.
+        """
+        c = self.config
+        b, t = input_ids.shape
+        if cache is not None:
+            if segment_ids is not None:
+                raise ValueError("segment_ids are for packed training rows; a cached forward takes one document per row")
+            positions = cache.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
+        elif positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        cos, sin = rope_table(c, positions)
+        ctx = ForwardContext(cos=cos, sin=sin, segment_ids=segment_ids,
+                             lengths=None if cache is None else cache.lengths,
+                             page_table=None if cache is None else cache.page_table)
+        layers = cache.layers if cache is not None else {"head": [None] * len(self.head), "groups": None,
+                                                         "tail": [None] * len(self.tail)}
+        emb = jnp.take(self.word_embeddings[...], input_ids, axis=0).astype(self.dtype)
+        x, auxes = emb, []
+        new_layers = {"head": [], "groups": None, "tail": []}
+        for i, block, entry in zip(self.plan.head, self.head, layers["head"]):
+            x, entry, aux = self._block(block, x, ctx, i, entry, collect)
+            new_layers["head"].append(entry)
+            auxes.append(jax.tree.map(lambda a: a[None], aux))
+        if self.groups is not None:
+            x, new_layers["groups"], aux = self._groups(x, ctx, layers["groups"], collect)
+            auxes.append(aux)
+        for i, block, entry in zip(self.plan.tail, self.tail, layers["tail"]):
+            x, entry, aux = self._block(block, x, ctx, i, entry, collect)
+            new_layers["tail"].append(entry)
+            auxes.append(jax.tree.map(lambda a: a[None], aux))
+        h = self.norm(x)
+        logits = self._lm_head(h)
+        loads = [a["load"] for a in auxes if "load" in a]
+        mtp_logits = None
+        if return_mtp and len(self.mtp):
+            mtp_logits, ids = [], input_ids
+            for j, layer in enumerate(self.mtp):
+                ids = jnp.roll(ids, -1, axis=1).at[:, -1].set(0)
+                emb_j = jnp.take(self.word_embeddings[...], ids, axis=0).astype(self.dtype)
+                h, aux = layer(emb_j, h, ctx, c.num_hidden_layers + j)
+                mtp_logits.append(self._lm_head(h))
+                loads.append(aux["load"][None])
+        intermediates = None
+        if collect:
+            cat = lambda key: jnp.concatenate([a[key] for a in auxes if key in a])
+            intermediates = {"hidden": cat("hidden"), "topk_idx": cat("topk_idx"), "router_logits": cat("router_logits")}
+        new_cache = None if cache is None else cache.replace(lengths=cache.lengths + t, layers=new_layers)
+        return ModelOutput(logits=logits, cache=new_cache, mtp_logits=mtp_logits,
+                           expert_load=jnp.concatenate(loads) if loads else None, intermediates=intermediates)
+
+    # ----- pieces -----
+    def _lm_head(self, h_btd):
+        w = self.word_embeddings[...].T if self.lm_head is None else self.lm_head[...]
+        return jnp.einsum("btd,dv->btv", h_btd.astype(self.dtype), w.astype(self.dtype)).astype(jnp.float32)
+
+    def _block(self, block, x, ctx, layer_idx, entry, collect):
+        if self.remat is Remat.NONE:
+            return block(x, ctx, layer_idx, entry, collect)
+        f = nnx.remat(lambda blk, x, entry: blk(x, ctx, layer_idx, entry, collect), policy=self.remat.policy())
+        return f(block, x, entry)
+
+    def _groups(self, x, ctx, cache, collect):
+        plan = self.plan
+
+        def body(group, x, inp):
+            g, entry = inp
+            x, entry, aux = group(x, ctx, plan.group_start + g * plan.group_size, entry, collect=collect,
+                                  scan=self.scan_layers, remat=self.remat)
+            return x, (entry, aux)
+
+        x, (entries, aux) = apply_stacked(self.groups, x, (jnp.arange(plan.n_groups), cache), body,
+                                          scan=self.scan_layers, remat=Remat.NONE)
+        aux = jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), aux)  # [n_groups, G, ...] -> layer order
+        return x, entries, aux

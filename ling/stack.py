@@ -1,0 +1,117 @@
+"""The layer stack's shape: a head of individual layers, uniform groups scanned over, a tail.
+
+Ling 2.5 repeats a group of `layer_group_size` layers (G-1 Lightning + 1 MLA, all MoE). Groups that contain a
+dense-MLP layer form the head, a trailing incomplete group (all MLA) the tail, and everything between is
+`n_groups` identical groups whose parameters are stacked on leading axes ([n_groups, G-1, ...] for the Lightning
+blocks, [n_groups, ...] for the MLA block) and applied with `jax.lax.scan`, so compile time does not grow with depth.
+"""
+import dataclasses
+import enum
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ling.block import DecoderBlock
+from ling.config import LingConfig
+
+
+class Remat(str, enum.Enum):
+    """What a scanned layer keeps for the backward pass."""
+
+    NONE = "none"  # keep every activation
+    FULL = "full"  # keep only the layer inputs; recompute the rest
+    DOTS = "dots"  # keep matmul outputs without batch dims (weights-stationary matmuls)
+
+    def policy(self):
+        return {Remat.FULL: jax.checkpoint_policies.nothing_saveable,
+                Remat.DOTS: jax.checkpoint_policies.dots_with_no_batch_dims_saveable}.get(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class StackPlan:
+    head: tuple[int, ...]  # layer indices applied one by one before the groups
+    group_start: int  # index of the first layer of the first scanned group
+    n_groups: int
+    group_size: int
+    tail: tuple[int, ...]  # layer indices after the groups
+
+    @classmethod
+    def from_config(cls, c: LingConfig) -> "StackPlan":
+        g, n_layers = c.layer_group_size, c.num_hidden_layers
+        n_full = n_layers // g
+        n_head_groups = min(n_full, -(-c.first_k_dense_replace // g))
+        start = n_head_groups * g
+        return cls(head=tuple(range(start)), group_start=start, n_groups=n_full - n_head_groups, group_size=g,
+                   tail=tuple(range(n_full * g, n_layers)))
+
+    def layer_order(self) -> list[int]:
+        return [*self.head, *range(self.group_start, self.group_start + self.n_groups * self.group_size), *self.tail]
+
+
+def stack_modules(make: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs) -> nnx.Module:
+    """`n` modules from `make`, their variables stacked on a new leading axis."""
+    @nnx.split_rngs(splits=n)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def build(r):
+        return make(r)
+
+    return build(rngs)
+
+
+def apply_stacked(stacked: nnx.Module, carry, xs, body, *, scan: bool, remat: Remat):
+    """Fold `body(module, carry, x) -> (carry, y)` over the leading axis of a stacked module and of `xs`.
+
+    scan=True uses `jax.lax.scan` (one compiled layer); scan=False unrolls a Python loop over the same
+    parameters (for testing the scan and for tiny models).
+    """
+    graphdef, state = nnx.split(stacked)
+
+    def step(carry, inp):
+        st, x = inp
+        return body(nnx.merge(graphdef, st), carry, x)
+
+    if remat is not Remat.NONE:
+        step = jax.checkpoint(step, policy=remat.policy(), prevent_cse=not scan)
+    if scan:
+        return jax.lax.scan(step, carry, (state, xs))
+    n = jax.tree.leaves(state)[0].shape[0]
+    ys = []
+    for i in range(n):
+        carry, y = step(carry, jax.tree.map(lambda a: a[i], (state, xs)))
+        ys.append(y)
+    return carry, jax.tree.map(lambda *a: jnp.stack(a), *ys)
+
+
+class LayerGroup(nnx.Module):
+    """G-1 Lightning+MoE blocks (stacked) followed by one MLA+MoE block."""
+
+    def __init__(self, config: LingConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        kw = dict(moe=True, dtype=dtype, param_dtype=param_dtype)
+        g = config.layer_group_size
+        self.n_lightning = g - 1
+        self.lightning = (stack_modules(lambda r: DecoderBlock(config, mla=False, rngs=r, **kw), g - 1, rngs)
+                          if g > 1 else None)
+        self.mla = DecoderBlock(config, mla=True, rngs=rngs, **kw)
+
+    def __call__(self, x, ctx, first_layer, cache: dict | None, *, collect: bool, scan: bool, remat: Remat):
+        """-> (x, updated cache {"lightning", "mla"} or None, aux with a leading [G] layer axis)."""
+        cache = cache or {"lightning": None, "mla": None}
+        auxes, new_lightning = [], None
+        if self.lightning is not None:
+            n = self.n_lightning
+
+            def body(block, x, inp):
+                idx, entry = inp
+                x, entry, aux = block(x, ctx, idx, entry, collect)
+                return x, (entry, aux)
+
+            x, (new_lightning, aux_l) = apply_stacked(
+                self.lightning, x, (first_layer + jnp.arange(n), cache["lightning"]), body, scan=scan, remat=remat)
+            auxes.append(aux_l)
+        x, new_mla, aux_m = self.mla(x, ctx, first_layer + self.n_lightning, cache["mla"], collect)
+        auxes.append(jax.tree.map(lambda a: a[None], aux_m))
+        aux = jax.tree.map(lambda *a: jnp.concatenate(a), *auxes)
+        new_cache = None if cache["mla"] is None else {"lightning": new_lightning, "mla": new_mla}
+        return x, new_cache, aux
