@@ -95,16 +95,17 @@ def _check(reader: _Reader, sources: dict, abstract_leaves: dict, directory: str
         raise ValueError(f"checkpoint {directory} does not match its config.json:\n  " + "\n  ".join(problems))
 
 
-def from_pretrained(directory: str | os.PathLike, dtype=None, mesh=None, *, shardings=None, **model_kwargs
-                    ) -> LingModel:
+def from_pretrained(directory: str | os.PathLike, dtype=None, mesh=None, *, attention_impl: str | None = None,
+                    shardings=None, **model_kwargs) -> LingModel:
     """Load a published checkpoint directory into a LingModel.
 
-    dtype: parameter and compute dtype (default: the checkpoint's). Each parameter is assembled tensor by tensor
+    dtype: parameter and compute dtype (default: the checkpoint's). attention_impl overrides the config's
+    kernel choice; model_kwargs (remat, scan_layers) go to LingModel. Each parameter is assembled tensor by tensor
     from the files straight into its placement (one device, or its sharding on `mesh` via sharding.rules), so no
     more than one published tensor beyond the placed shard is held on the host at a time.
     """
     directory = os.fspath(directory)
-    config = LingConfig.from_hf(directory)
+    config = LingConfig.from_hf(directory, **({} if attention_impl is None else {"attention_impl": attention_impl}))
     reader = _Reader(_tensor_files(directory))
     if dtype is None:
         probe = reader.read("model.word_embeddings.weight") if "model.word_embeddings.weight" in reader.files else None
