@@ -4,7 +4,7 @@ FLOPs counted are those of the chunked algorithm (chunk C, N = ceil(T / C) chunk
 dense, per batch row and head:
   forward           N·(2·C²·(K+V) + 4·C·K·V)     q·kᵀ, scores·v, q·S, kᵀ·v
   forward+backward  N·(8·C²·(K+V) + 14·C·K·V)    + dq: do·vᵀ, dp·k, do·Sᵀ, recomputed kᵀ·v;
-                                                   dk/dv: v·doᵀ, dpᵀ·q, v·dSᵀ, k·qᵀ, sᵀ·do, k·dS, qᵀ·do
+                                                 dk/dv: v·doᵀ, dpᵀ·q, v·dSᵀ, k·qᵀ, sᵀ·do, k·dS, qᵀ·do
 Work repeated by an implementation (the q·kᵀ of each V block of the GPU kernel) is not counted. TFLOP/s is that
 count over the median wall time; "% peak" divides by the chip's dense bf16 peak (benchmarks/peaks.py).
 On CPU only the reference runs, at small T: the kernels need a TPU or GPU.

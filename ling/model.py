@@ -120,6 +120,35 @@ class LingModel(nnx.Module):
         return ModelOutput(logits=logits, cache=new_cache, mtp_logits=mtp_logits,
                            expert_load=jnp.concatenate(loads) if loads else None, intermediates=intermediates)
 
+    def update_expert_bias(self, expert_load: jax.Array, rate: float) -> None:
+        """Aux-loss-free balancing (DeepSeek-V3): move each MoE layer's selection bias by `rate` toward its
+        under-loaded experts. expert_load [n_moe_layers, E] in `forward`'s order (MoE layers by depth, then MTP)."""
+        delta = rate * jnp.sign(expert_load.mean(-1, keepdims=True) - expert_load).astype(jnp.float32)
+        i = 0
+
+        def bump(mlp, d):
+            mlp.expert_bias[...] = mlp.expert_bias[...] + d
+
+        for blk in self.head:
+            if blk.moe:
+                bump(blk.mlp, delta[i])
+                i += 1
+        if self.groups is not None:
+            n, g = self.plan.n_groups, self.plan.group_size
+            d = delta[i:i + n * g].reshape(n, g, -1)
+            if self.groups.lightning is not None:
+                bump(self.groups.lightning.mlp, d[:, :g - 1])
+            bump(self.groups.mla.mlp, d[:, g - 1])
+            i += n * g
+        for blk in self.tail:
+            if blk.moe:
+                bump(blk.mlp, delta[i])
+                i += 1
+        for layer in self.mtp:
+            if i < delta.shape[0]:
+                bump(layer.block.mlp, delta[i])
+                i += 1
+
     # ----- pieces -----
     def _lm_head(self, h_btd):
         w = self.word_embeddings[...].T if self.lm_head is None else self.lm_head[...]

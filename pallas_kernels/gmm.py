@@ -100,9 +100,16 @@ def _mgpu_tiles(n: int) -> dict:
 
 
 def _gpu_gmm(lhs, rhs, group_sizes, transpose_rhs):
+  # Padding rows to the 128-row tile keeps every TMA read in bounds.
   n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
-  out = mgpu_ragged_dot(lhs, rhs, group_sizes=group_sizes, transpose_rhs=transpose_rhs, **_mgpu_tiles(n))
-  return _mask_rows(out, group_sizes)
+  out = mgpu_ragged_dot(_pad_rows(lhs, 128), rhs, group_sizes=group_sizes, transpose_rhs=transpose_rhs,
+                        **_mgpu_tiles(n))
+  return _mask_rows(out[:lhs.shape[0]], group_sizes)
+
+
+def _gpu_tgmm(lhs, dout, group_sizes):
+  return mgpu_transposed_ragged_dot(_pad_rows(lhs, 128), _pad_rows(dout, 128), group_sizes=group_sizes,
+                                    **_mgpu_tiles(dout.shape[1]))
 
 
 def _forward(lhs, rhs, group_sizes, impl, interpret):
@@ -130,7 +137,7 @@ def _gmm_bwd(impl, interpret, residuals, dout):
     drhs = _tpu_tgmm(lhs, dout, group_sizes, interpret)
   elif impl == "gpu" and _mgpu_supported(lhs, rhs):
     dlhs = _gpu_gmm(dout, rhs, group_sizes, True)
-    drhs = mgpu_transposed_ragged_dot(lhs, dout, group_sizes=group_sizes, **_mgpu_tiles(rhs.shape[2]))
+    drhs = _gpu_tgmm(lhs, dout, group_sizes)
   else:
     precision = lax.Precision.HIGHEST if impl == "reference" else None
     dlhs = lax.ragged_dot(dout, rhs.swapaxes(1, 2), group_sizes, precision=precision,
@@ -161,7 +168,8 @@ def gmm(lhs, rhs, group_sizes, *, impl: str = "auto", interpret=False):
     group_sizes: [G] int32 rows per group, sum <= M; rows past the sum give zeros.
     impl: "auto" (megablox on TPU, Mosaic GPU kernels on GPU, ragged_dot on CPU), "tpu", "gpu"
       or "reference".
-    interpret: run the TPU kernels in interpret mode (True or a pltpu.InterpretParams).
+    interpret: run the TPU kernels in interpret mode (True or a pltpu.InterpretParams); the GPU
+      kernels run on CPU under jax's Mosaic GPU simulator context instead.
 
   Returns:
     [M, N] in lhs.dtype, accumulated in fp32.

@@ -90,9 +90,10 @@ def _dkv_kernel(ld_ref, q_ref, k_ref, v_ref, do_ref, rel_ref, dsf_ref, dk_ref, d
 
 
 def _pow2_pad(x, axis):
+    """Zero pads `axis` to a power of 2 of at least 16 (the smallest Triton dot operand)."""
     size = x.shape[axis]
     pad = [(0, 0)] * x.ndim
-    pad[axis] = (0, pl.next_power_of_2(size) - size)
+    pad[axis] = (0, max(16, pl.next_power_of_2(size)) - size)
     return jnp.pad(x, pad)
 
 
@@ -121,7 +122,9 @@ def _call(kernel, ld, full_k, v_blocked, rel, state, outs, *, block_v, chunk_siz
     )(ld, *full_k, *v_blocked, rel, state)
 
 
-def _prepare(q, k, v, state, block_v):
+def _prepare(q, k, v, state, block_v, chunk_size):
+    if chunk_size < 16 or chunk_size & (chunk_size - 1):
+        raise ValueError(f"chunk_size must be a power of 2 >= 16 for the GPU kernels (Triton tiles); got {chunk_size}")
     dk, dv = q.shape[3], v.shape[3]
     q, k, v, state = _pow2_pad(q, 3), _pow2_pad(k, 3), _pow2_pad(v, 3), _pow2_pad(_pow2_pad(state, 2), 3)
     block_v = min(block_v, v.shape[3])
@@ -129,10 +132,10 @@ def _prepare(q, k, v, state, block_v):
 
 
 def lightning_fwd_gpu(q, k, v, log_decay, rel_bt, state0_bhkv, *, scale, chunk_size, interpret=False, block_v=64,
-                      num_warps=4, num_stages=2):
+                      num_warps=8, num_stages=2):
     """Forward. q, k [B, T, H, K]; v [B, T, H, V]; log_decay [H]; rel_bt [B, T] (reference.chunk_relative_runs);
     state0 [B, H, K, V] float32 -> (o [B, T, H, V] in v's dtype, final state [B, H, K, V] float32)."""
-    q_, k_, v_, s0, block_v, _, (dk, dv) = _prepare(q, k, v, state0_bhkv.astype(_F32), block_v)
+    q_, k_, v_, s0, block_v, _, (dk, dv) = _prepare(q, k, v, state0_bhkv.astype(_F32), block_v, chunk_size)
     o, sf = _call(_fwd_kernel, log_decay.astype(_F32), (q_, k_), (v_,), rel_bt, s0,
                   [(jax.ShapeDtypeStruct(v_.shape, v.dtype), "v"), (jax.ShapeDtypeStruct(s0.shape, _F32), "state")],
                   block_v=block_v, chunk_size=chunk_size, scale=scale, num_warps=num_warps, num_stages=num_stages,
@@ -141,10 +144,10 @@ def lightning_fwd_gpu(q, k, v, log_decay, rel_bt, state0_bhkv, *, scale, chunk_s
 
 
 def lightning_bwd_gpu(q, k, v, log_decay, rel_bt, state0_bhkv, do_bthv, dfinal_bhkv, *, scale, chunk_size,
-                      interpret=False, block_v=64, num_warps=4, num_stages=2):
+                      interpret=False, block_v=64, num_warps=8, num_stages=2):
     """Backward of lightning_fwd_gpu given do [B, T, H, V] and d final state [B, H, K, V]: (dq, dk, dv in the input
     dtypes, d state0 [B, H, K, V] float32)."""
-    q_, k_, v_, s0, block_v, nv, (dk, dv) = _prepare(q, k, v, state0_bhkv.astype(_F32), block_v)
+    q_, k_, v_, s0, block_v, nv, (dk, dv) = _prepare(q, k, v, state0_bhkv.astype(_F32), block_v, chunk_size)
     do_ = _pow2_pad(do_bthv.astype(v.dtype), 3)
     dsf = _pow2_pad(_pow2_pad(dfinal_bhkv.astype(_F32), 2), 3)
     partial_dt = q.dtype if nv == 1 else _F32  # V-block partials are summed in float32

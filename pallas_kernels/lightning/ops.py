@@ -40,7 +40,7 @@ _kernel_attention.defvjp(_kernel_attention_fwd, _kernel_attention_bwd)
 
 def lightning_attention(q, k, v, log_decay, *, scale=None, initial_state=None, segment_ids=None, chunk_size=64,
                         impl="auto", interpret=False):
-    """Lightning attention: S_t = exp(log_decay) S_{t-1} + k_t^T v_t (restarting at segment starts), o_t = scale q_t S_t.
+    """Lightning attention: S_t = exp(log_decay) S_{t-1} + k_t^T v_t (zeroed at segment starts), o_t = scale q_t S_t.
 
     Args:
       q, k: [B, T, H, K]; v: [B, T, H, V]; log_decay: [H] (<= 0, per step, no gradient through the kernels).

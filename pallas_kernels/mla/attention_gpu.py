@@ -4,7 +4,8 @@ Kernels read the [B, T, H, D] arrays in place, one program per (q or kv block, b
 over the other sequence axis with `fori_loop` bounded by the causal mask. Triton needs power-of-two
 tiles, so head dims are read as the next power of two through masked loads (zeros past Dqk do not
 change q·k) and time is padded outside the kernels, padded keys masked by their static length.
-Logits are kept in base 2 (exp2), the residual logsumexp in natural log.
+Logits are kept in base 2 (exp2), the residual logsumexp in natural log. fp32 inputs multiply on
+TF32 tensor cores (Triton's default), about 3e-4 relative error on an H200; bf16 is the fast path.
 """
 import dataclasses
 import functools

@@ -67,6 +67,19 @@ def test_tpu_under_tpu_simulator():
                      jnp.float32, 1e-4)
 
 
+def test_gpu_forward_under_mosaic_gpu_simulator():
+  # The only CPU run of the Mosaic GPU (wgmma) forward: bf16, K and N multiples of 128, M=300 not a
+  # tile multiple, an empty group and rows past the sum. The simulator cannot run the backward
+  # kernels (no transpose_ref/layout_cast support), and the drhs kernel reads the SM count of a real
+  # GPU while tracing.
+  from jax._src.pallas.mosaic_gpu.interpret.params import force_gpu_interpret_mode
+  lhs, rhs, group_sizes, dout = make_case(3, 300, 128, 256, [100, 0, 150, 30], jnp.bfloat16)
+  with force_gpu_interpret_mode():
+    out = gmm(lhs, rhs, group_sizes, impl="gpu")
+  want = gmm_float64(lhs, rhs, group_sizes, dout)[0]
+  np.testing.assert_allclose(np.asarray(out, np.float64), want, atol=5e-2, rtol=5e-2)
+
+
 def test_grad_matches_reference_autodiff():
   lhs, rhs, group_sizes, dout = make_case(1, dtype=jnp.float32, **CASES["ragged"])
   loss = lambda f: lambda a, b: jnp.sum(f(a, b) * dout)
