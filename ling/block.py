@@ -11,6 +11,10 @@ from ling.layers.mlp import SwiGLU
 from ling.layers.moe import MoE
 from ling.layers.norms import RMSNorm
 from ling.layers.params import param
+from sharding.rules import constrain
+
+# Residual-stream layout between blocks: batch and sequence split as the rules say, hidden dim whole.
+_RESIDUAL = ("batch", "length", "act_embed")
 
 
 class DecoderBlock(nnx.Module):
@@ -37,6 +41,7 @@ class DecoderBlock(nnx.Module):
         aux holds "load" [E] for MoE layers and, when `collect`, "hidden" (the residual after this layer) and the
         router's "topk_idx" / "router_logits".
         """
+        x_btd = constrain(x_btd, _RESIDUAL)
         h = self.input_layernorm(x_btd)
         if self.mla:
             attn, new_cache = self.attention(h, ctx, cache)
@@ -53,7 +58,7 @@ class DecoderBlock(nnx.Module):
                 aux.update(topk_idx=moe_aux["topk_idx"], router_logits=moe_aux["router_logits"])
         else:
             y = self.mlp(h)
-        x = x + y.astype(x.dtype)
+        x = constrain(x + y.astype(x.dtype), _RESIDUAL)
         if collect:
             aux["hidden"] = x
         return x, new_cache, aux

@@ -60,3 +60,43 @@ def init_cache(config: LingConfig, batch: int, max_len: int, *, dtype=jnp.float3
     return DecodeCache(lengths=jnp.zeros((batch,), jnp.int32), page_table=jnp.asarray(page_table, jnp.int32),
                        layers={"head": [mk(i) for i in plan.head], "groups": groups, "tail": [mk(i) for i in plan.tail]},
                        page_size=page_size)
+
+
+# ----- per-row views, for a serving engine that keeps many sequences in one cache -----
+# Per-sequence arrays carry the batch axis: lengths and page_table on axis 0, a Lightning "state" leaf on axis -4
+# (after any stacked-layer axes). MLA page pools have no batch axis: every row reads and writes the shared pool
+# through its page table, so a row view returns the pools whole.
+
+def _map_rows(fn, cache: DecodeCache, *others: DecodeCache) -> DecodeCache:
+    """Apply fn(x, *others_x, axis) to every per-sequence array; page pools come from `cache`."""
+    def leaf(path, x, *ys):
+        return fn(x, *ys, x.ndim - 4) if path[-1] == jax.tree_util.DictKey("state") else x
+
+    layers = jax.tree_util.tree_map_with_path(leaf, cache.layers, *(o.layers for o in others))
+    return cache.replace(lengths=fn(cache.lengths, *(o.lengths for o in others), 0),
+                         page_table=fn(cache.page_table, *(o.page_table for o in others), 0), layers=layers)
+
+
+def take_rows(cache: DecodeCache, start, size: int) -> DecodeCache:
+    """Rows [start, start + size) as a cache of batch `size` (start may be traced); the page pools are shared."""
+    return _map_rows(lambda x, axis: jax.lax.dynamic_slice_in_dim(x, start, size, axis), cache)
+
+
+def put_rows(cache: DecodeCache, start, rows: DecodeCache) -> DecodeCache:
+    """`cache` with rows [start, start + rows' batch) replaced by `rows` (a take_rows view after a forward pass);
+    the page pools are taken from `rows`, which carry that pass's writes."""
+    out = _map_rows(lambda x, r, axis: jax.lax.dynamic_update_slice_in_dim(x, r.astype(x.dtype), start, axis),
+                    cache, rows)
+    pools = jax.tree_util.tree_map_with_path(
+        lambda path, x, r: x if path[-1] == jax.tree_util.DictKey("state") else r, out.layers, rows.layers)
+    return out.replace(layers=pools)
+
+
+def where_rows(mask_b: jax.Array, on_true: DecodeCache, on_false: DecodeCache) -> DecodeCache:
+    """Per row b, the per-sequence arrays of `on_true` where mask_b[b] else of `on_false` (same batch); the page
+    pools are `on_true`'s."""
+    def pick(x, y, axis):
+        m = mask_b.reshape((-1,) + (1,) * (x.ndim - axis - 1))
+        return jnp.where(m, x, y)
+
+    return _map_rows(pick, on_true, on_false)

@@ -36,7 +36,7 @@ def _check_args(lhs, rhs, group_sizes) -> None:
 
 
 def _mask_rows(x_mn, group_sizes):
-  """Zeroes rows past sum(group_sizes): megablox leaves them unwritten."""
+  """Zeroes rows past sum(group_sizes): the TPU and GPU kernels leave them unwritten."""
   rows_m = jnp.arange(x_mn.shape[0], dtype=jnp.int32)
   return jnp.where((rows_m < jnp.sum(group_sizes))[:, None], x_mn, 0)
 

@@ -45,7 +45,8 @@ def loss_sums(model: LingModel, batch: dict, cfg: StepConfig):
     """Summed (not averaged) losses of one micro-batch, so accumulation over micro-batches equals the full batch.
 
     MTP layer j predicts the token j+2 ahead: its target is `targets` shifted by j+1 and it counts only where the
-    whole chain stays inside one document (the product of the shifted loss masks).
+    whole chain stays inside one document (the product of the shifted loss masks). Every term is divided by the
+    batch's next-token count (not each head's own count), so losses add over documents and micro-batches.
     """
     mtp_on = cfg.mtp_loss_scale > 0 and len(model.mtp) > 0
     out = model.forward(batch["input_ids"], batch["positions"], batch["segment_ids"], return_mtp=mtp_on)
@@ -57,7 +58,7 @@ def loss_sums(model: LingModel, batch: dict, cfg: StepConfig):
         for j, logits in enumerate(out.mtp_logits):
             mask = mask * _shift(batch["loss_mask"], j + 1, 0.0)
             ce_j, _, n_j = token_losses(logits, _shift(batch["targets"], j + 1, 0), mask)
-            total = total + cfg.mtp_loss_scale * ce_j * n / jnp.maximum(n_j, 1.0)
+            total = total + cfg.mtp_loss_scale * ce_j
             sums[f"mtp{j}_ce"], sums[f"mtp{j}_tokens"] = ce_j, n_j
     return total, (sums, out.expert_load)
 
@@ -91,7 +92,7 @@ def train_step(graphdef, tx, cfg: StepConfig, state: dict, batch: dict):
         model = nnx.merge(graphdef, params, rest)
         model.update_expert_bias(load, cfg.expert_bias_rate)
         _, _, rest = split_model(model)
-    metrics = {"loss": loss, "ce": sums["ce"] / total_tokens, "grad_norm": optax.global_norm(grads),
+    metrics = {"loss": loss, "ce": sums["ce"] / total_tokens, "grad_norm": optax.tree.norm(grads),
                "tokens": sums["tokens"]}
     for key in sums:
         if key.startswith("mtp") and key.endswith("_ce"):

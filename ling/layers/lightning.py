@@ -12,7 +12,8 @@ from ling.layers.dispatch import kernel_impl
 from ling.layers.norms import RMSNorm
 from ling.layers.params import param
 from ling.layers.rope import apply_rope_partial
-from pallas_kernels import lightning_attention, lightning_decode_step
+from pallas_kernels import lightning_decode_step
+from sharding import context_parallel
 
 
 def lightning_log_decay(config: LingConfig, layer_idx: jax.Array | int) -> jax.Array:
@@ -62,8 +63,11 @@ class LightningAttention(nnx.Module):
             o, new_state = lightning_decode_step(q[:, 0], k[:, 0], v[:, 0], log_decay, state_bhkv)
             o = o[:, None]
         else:
-            o, new_state = lightning_attention(q, k, v, log_decay, initial_state=state_bhkv,
-                                               segment_ids=ctx.segment_ids, impl=impl, interpret=interpret)
+            # The kernel call itself without a mesh; under one, a shard_map island (context-parallel if the
+            # sequence is split).
+            o, new_state = context_parallel.lightning_attention(q, k, v, log_decay, initial_state=state_bhkv,
+                                                                segment_ids=ctx.segment_ids, impl=impl,
+                                                                interpret=interpret)
         b, t = x.shape[:2]
         o = self.g_norm(o.astype(dt).reshape(b, t, -1)).reshape(o.shape)
         gate = jnp.einsum("btd,dhk->bthk", x, self.g_proj[...].astype(dt))

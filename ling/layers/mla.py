@@ -4,6 +4,8 @@ Training and prefill expand per-head K/V from the compressed latent and call `ml
 only the normalised latent (kv_lora_rank) and the rotated shared rope key (qk_rope_head_dim) per token, in pages.
 Single-token decode absorbs W_UK into the query and W_UV into the output, so per-head K/V are never formed.
 """
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -15,6 +17,7 @@ from ling.layers.norms import RMSNorm
 from ling.layers.params import param
 from ling.layers.rope import apply_rope_interleaved, mla_softmax_scale
 from pallas_kernels import mla_attention, mla_decode
+from sharding import context_parallel
 
 # The reference builds q_a_layernorm and kv_a_layernorm with the class default eps, not config.rms_norm_eps.
 _LATENT_NORM_EPS = 1e-6
@@ -37,6 +40,15 @@ def gather_window(pages_psr: jax.Array, page_table: jax.Array, end_b: jax.Array,
     pos_bw = jnp.maximum(pos_bw, 0)
     page_bw = jnp.take_along_axis(page_table, pos_bw // page_size, axis=1)
     return pages_psr[page_bw, pos_bw % page_size], valid
+
+
+def attend_latent(q_nope, q_rot, latent_btr, k_rot_btp, w_uk, w_uv, *, segment_ids, scale, impl, interpret):
+    """Causal attention with per-head K/V expanded from the latent [B, Tk, C] and shared rope key [B, Tk, R]."""
+    k_nope = jnp.einsum("btr,rhn->bthn", latent_btr, w_uk)
+    v = jnp.einsum("btr,rhv->bthv", latent_btr, w_uv)
+    k_rot = jnp.broadcast_to(k_rot_btp[:, :, None], (*k_nope.shape[:3], k_rot_btp.shape[-1]))
+    return mla_attention(jnp.concatenate([q_nope, q_rot], -1), jnp.concatenate([k_nope, k_rot], -1), v,
+                         scale=scale, segment_ids=segment_ids, causal=True, impl=impl, interpret=interpret)
 
 
 class MLAttention(nnx.Module):
@@ -109,7 +121,7 @@ class MLAttention(nnx.Module):
                                   ctx.lengths + 1, scale=scale, impl=impl, interpret=interpret)
             o = jnp.einsum("bhr,rhv->bhv", o_latent.astype(dt), w_uv)[:, None]
         else:
-            segment_ids = ctx.segment_ids
+            attend = functools.partial(attend_latent, scale=scale, impl=impl, interpret=interpret)
             if ctx.cached:
                 # Attend to every cached token before this chunk plus the chunk itself: a window ending at the
                 # chunk's last token, as wide as the cache, bottom-right aligned with the queries.
@@ -119,11 +131,10 @@ class MLAttention(nnx.Module):
                 k_rot_btp, _ = gather_window(rope_pages, ctx.page_table, end, width)
                 latent_btr, k_rot_btp = latent_btr.astype(dt), k_rot_btp.astype(dt)
                 segment_ids = (jnp.zeros(x.shape[:2], jnp.int32), jnp.where(valid, 0, 1).astype(jnp.int32))
-            k_nope = jnp.einsum("btr,rhn->bthn", latent_btr, w_uk)
-            v = jnp.einsum("btr,rhv->bthv", latent_btr, w_uv)
-            k_rot = jnp.broadcast_to(k_rot_btp[:, :, None], (*k_nope.shape[:3], k_rot_btp.shape[-1]))
-            o = mla_attention(jnp.concatenate([q_nope, q_rot], -1), jnp.concatenate([k_nope, k_rot], -1), v,
-                              scale=scale, segment_ids=segment_ids, causal=True, impl=impl, interpret=interpret)
+                o = attend(q_nope, q_rot, latent_btr, k_rot_btp, w_uk, w_uv, segment_ids=segment_ids)
+            else:  # under a mesh, a shard_map island (gathering the latent if the sequence is split)
+                o = context_parallel.mla_attention(attend, q_nope, q_rot, latent_btr, k_rot_btp, w_uk, w_uv,
+                                                   segment_ids=ctx.segment_ids)
         y = jnp.einsum("bthv,hvd->btd", o.astype(dt), self._w(self.dense))
         if self.dense_bias is not None:
             y = y + self._w(self.dense_bias)

@@ -3,6 +3,8 @@
 Token-expert assignments are sorted by expert and the experts run as grouped matmuls (`gmm`) over the sorted rows,
 so no [tokens, experts, hidden] tensor is ever formed and no token is dropped.
 """
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -13,6 +15,8 @@ from ling.layers.mlp import SwiGLU
 from ling.layers.params import param
 from ling.layers.router import ExpertBias, route
 from pallas_kernels import gmm
+from sharding import expert_parallel
+from sharding.mesh import active_mesh
 
 
 def expert_ffn(x_md, group_sizes, w_gate, w_up, w_down, *, impl: str, interpret: bool):
@@ -52,14 +56,20 @@ class MoE(nnx.Module):
         c, dt = self.config, self.dtype
         b, t, d = x_btd.shape
         x = x_btd.reshape(b * t, d)
-        topk_idx, weights, logits = route(x, self.gate[...], self.expert_bias[...], c)
-        token_of_row, order, group_sizes = sort_by_expert(topk_idx, c.num_experts)
         impl, interpret = kernel_impl(c)
-        y_rows = expert_ffn(x[token_of_row].astype(dt), group_sizes, self.gate_proj[...].astype(dt),
-                            self.up_proj[...].astype(dt), self.down_proj[...].astype(dt),
-                            impl=impl, interpret=interpret)
-        w_rows = weights.reshape(-1)[order].astype(dt)
-        y = jnp.zeros((b * t, d), dt).at[token_of_row].add(y_rows * w_rows[:, None])
+        experts = (self.gate_proj[...].astype(dt), self.up_proj[...].astype(dt), self.down_proj[...].astype(dt))
+        if active_mesh() is not None:  # shard_map island: expert-parallel dispatch, tensor-parallel experts
+            y, topk_idx, logits, group_sizes = expert_parallel.routed_experts(
+                x_btd, self.gate[...], self.expert_bias[...], *experts, dtype=dt,
+                route=functools.partial(route, config=c), sort=sort_by_expert,
+                ffn=functools.partial(expert_ffn, impl=impl, interpret=interpret))
+            y = y.reshape(b * t, d)
+        else:
+            topk_idx, weights, logits = route(x, self.gate[...], self.expert_bias[...], c)
+            token_of_row, order, group_sizes = sort_by_expert(topk_idx, c.num_experts)
+            y_rows = expert_ffn(x[token_of_row].astype(dt), group_sizes, *experts, impl=impl, interpret=interpret)
+            w_rows = weights.reshape(-1)[order].astype(dt)
+            y = jnp.zeros((b * t, d), dt).at[token_of_row].add(y_rows * w_rows[:, None])
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         aux = {"load": group_sizes, "topk_idx": topk_idx.reshape(b, t, -1), "router_logits": logits.reshape(b, t, -1)}
