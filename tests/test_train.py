@@ -182,3 +182,21 @@ def test_bad_inputs_give_clear_errors(tmp_path):
         run(load_train_config(path, ["train.steps=1"]), str(tmp_path / "w2"))
     with pytest.raises(ValueError, match="override"):
         load_train_config(path, ["steps"])
+
+
+def test_convert_both_ways(tmp_path):
+    """A trained orbax checkpoint becomes a published checkpoint with the same weights, and back."""
+    from ling.convert import to_orbax, to_safetensors
+
+    path = write_config(tmp_path, train={"steps": 2, "save_every": 2})
+    cfg = load_train_config(path)
+    assert run(cfg, str(tmp_path / "w")) == 0
+    assert to_safetensors(cfg, str(tmp_path / "w" / "checkpoints"), str(tmp_path / "hf")) == 2
+    model = ling.from_pretrained(tmp_path / "hf")
+    to_orbax(cfg, str(tmp_path / "hf"), str(tmp_path / "w2" / "checkpoints"))
+    assert to_safetensors(cfg, str(tmp_path / "w2" / "checkpoints"), str(tmp_path / "hf2")) == 0
+    again = ling.from_pretrained(tmp_path / "hf2")
+    for (k, a), (_, b) in zip(nnx.to_flat_state(nnx.state(model)), nnx.to_flat_state(nnx.state(again))):
+        np.testing.assert_array_equal(a.get_value(), b.get_value(), err_msg=str(k))
+    ids = jnp.ones((1, 8), jnp.int32)
+    assert np.isfinite(np.asarray(model(ids))).all()

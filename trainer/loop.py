@@ -96,7 +96,8 @@ def run(cfg: TrainConfig, workdir: str, profile: tuple[int, int] | None = None) 
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state), mesh=mesh)
     if restored is not None:
         step, state, meta = restored
-        iterator.set_state(meta["data"])
+        if meta.get("data") is not None:  # None: converted from a published checkpoint, data starts fresh
+            iterator.set_state(meta["data"])
         metrics.truncate_after(step)
         print(f"resumed from step {step} in {checkpointer.directory}", flush=True)
     else:
