@@ -14,15 +14,14 @@ On CPU only the reference runs, at small T: the kernels need a TPU or GPU.
 """
 import argparse
 import pathlib
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from benchmarks.timing import median_seconds  # noqa: E402
 from benchmarks.peaks import detect_chip  # noqa: E402
 from pallas_kernels.lightning import lightning_attention  # noqa: E402
 
@@ -32,16 +31,6 @@ def chunked_flops(batch, heads, t, dk, dv, chunk, backward: bool) -> float:
     if backward:
         return batch * heads * n * (8.0 * chunk**2 * (dk + dv) + 14.0 * chunk * dk * dv)
     return batch * heads * n * (2.0 * chunk**2 * (dk + dv) + 4.0 * chunk * dk * dv)
-
-
-def median_seconds(fn, args, iters):
-    jax.block_until_ready(fn(*args))  # compile and warm up
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def make_step(impl, chunk, backward):
@@ -100,7 +89,7 @@ def run(args):
                 continue
             for backward in (False, True):
                 step = make_step("auto" if impl == "kernel" else "reference", args.chunk, backward)
-                seconds = median_seconds(step, (q, k, v, g), args.iters)
+                seconds = median_seconds(step, q, k, v, g, iters=args.iters)
                 tflops = chunked_flops(args.batch, args.heads, t, args.head_dim, args.head_dim, args.chunk,
                                        backward) / seconds / 1e12
                 peak = f"{100 * tflops * 1e12 / chip.bf16_flops:6.2f}" if chip else "   n/a"

@@ -12,29 +12,18 @@ import argparse
 import functools
 import itertools
 import os
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.timing import median_seconds  # noqa: E402
 from benchmarks.peaks import detect_chip  # noqa: E402
 from pallas_kernels.gmm import gmm  # noqa: E402
 from pallas_kernels.mla.decode import mla_decode  # noqa: E402
 from pallas_kernels.mla.decode_gpu import mla_decode_gpu  # noqa: E402
-
-
-def median_seconds(fn, *args, iters):
-  jax.block_until_ready(fn(*args))  # compile + warm up
-  times = []
-  for _ in range(iters):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
 
 
 def decode_inputs(batch, context, a, dtype):

@@ -12,14 +12,13 @@ TFLOP/s is that count over the median wall time; "% peak" divides by the chip's 
 """
 import argparse
 import pathlib
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from benchmarks.timing import median_seconds  # noqa: E402
 from benchmarks.peaks import detect_chip  # noqa: E402
 from pallas_kernels.mla.attention import mla_attention  # noqa: E402
 
@@ -27,16 +26,6 @@ from pallas_kernels.mla.attention import mla_attention  # noqa: E402
 def causal_flops(batch, heads, t, dqk, dv, backward: bool) -> float:
   pairs = t * (t + 1) / 2
   return 2.0 * batch * heads * pairs * ((4 * dqk + 3 * dv) if backward else (dqk + dv))
-
-
-def _median_seconds(fn, args, iters):
-  jax.block_until_ready(fn(*args))  # compile and warm up
-  times = []
-  for _ in range(iters):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
 
 
 def _step(impl, scale, backward):
@@ -65,8 +54,8 @@ def run(args):
       if impl == "reference" and t > args.ref_max_t:
         continue
       for backward in (False, True):
-        seconds = _median_seconds(_step("auto" if impl == "kernel" else impl, scale, backward), (q, k, v),
-                                  args.iters)
+        seconds = median_seconds(_step("auto" if impl == "kernel" else impl, scale, backward), q, k, v,
+                                 iters=args.iters)
         tflops = causal_flops(args.batch, args.heads, t, args.dqk, args.dv, backward) / seconds / 1e12
         peak = tflops * 1e12 / chip.bf16_flops if chip else None
         rows.append(dict(t=t, impl=impl, mode="fwd+bwd" if backward else "fwd", ms=seconds * 1e3,

@@ -62,20 +62,11 @@ def _exclusive_affine_scan(a_bh, b_bhkv, state0_bhkv, axis: str):
     return entering, final
 
 
-def _zero_state(q, v):
-    """A zero [B, H, K, V] state typed as varying over the same mesh axes as q (a scan carry must keep its type)."""
-    b, _, h, dk = q.shape
-    zeros = jnp.zeros((b, h, dk, v.shape[3]), jnp.float32)
-    return lax.pcast(zeros, tuple(jax.typeof(q).manual_axis_type.varying), to="varying")
-
-
 def _lightning_local(q, k, v, log_decay, state0, segment_ids, *, axis, impl, interpret):
     if axis is None:
-        state0 = _zero_state(q, v) if state0 is None else state0
         return lightning_kernel(q, k, v, log_decay, initial_state=state0, segment_ids=segment_ids, impl=impl,
                                 interpret=interpret)
-    o_bthv, own_bhkv = lightning_kernel(q, k, v, log_decay, initial_state=_zero_state(q, v), segment_ids=segment_ids,
-                                        impl=impl, interpret=interpret)
+    o_bthv, own_bhkv = lightning_kernel(q, k, v, log_decay, segment_ids=segment_ids, impl=impl, interpret=interpret)
     b, t, h, dk = q.shape
     idx = lax.axis_index(axis)
     if segment_ids is None:
@@ -88,7 +79,7 @@ def _lightning_local(q, k, v, log_decay, state0, segment_ids, *, axis, impl, int
         connected_bt = jnp.cumsum(starts_bt, axis=1) == 0
     g_h = log_decay.astype(jnp.float32)
     through_bh = jnp.where(connected_bt[:, -1:], jnp.exp(g_h * t)[None], 0.0)
-    state0 = own_bhkv * 0.0 if state0 is None else state0.astype(jnp.float32)
+    state0 = jnp.zeros_like(own_bhkv) if state0 is None else state0.astype(jnp.float32)
     entering_bhkv, final_bhkv = _exclusive_affine_scan(through_bh, own_bhkv, state0, axis)
     steps_t = jnp.arange(1, t + 1, dtype=jnp.float32)
     into_bth = jnp.where(connected_bt[..., None], jnp.exp(g_h[None, None] * steps_t[None, :, None]), 0.0)
@@ -115,7 +106,7 @@ def lightning_attention(q, k, v, log_decay, *, initial_state=None, segment_ids=N
     body = functools.partial(_lightning_local, axis=axis, impl=impl, interpret=interpret)
     return jax.shard_map(body, in_specs=(qkv_spec, qkv_spec, qkv_spec, P(heads),
                                          None if initial_state is None else state_spec, seg_spec),
-                         out_specs=(qkv_spec, state_spec))(q, k, v, log_decay, initial_state, segment_ids)
+                         out_specs=(qkv_spec, state_spec), check_vma=False)(q, k, v, log_decay, initial_state, segment_ids)
 
 
 def _mla_local(q_nope, q_rot, latent_btr, k_rot_btp, w_uk, w_uv, segment_ids, *, attend, axis):
@@ -152,5 +143,5 @@ def mla_attention(attend, q_nope, q_rot, latent_btr, k_rot_btp, w_uk, w_uv, *, s
     body = functools.partial(_mla_local, attend=attend, axis=axis)
     return jax.shard_map(body, in_specs=(q_spec, q_spec, tok_spec, tok_spec, w_spec, w_spec,
                                          None if segment_ids is None else P(batch, axis)),
-                         out_specs=q_spec)(q_nope, q_rot, latent_btr, k_rot_btp, w_uk, w_uv, segment_ids)
+                         out_specs=q_spec, check_vma=False)(q_nope, q_rot, latent_btr, k_rot_btp, w_uk, w_uv, segment_ids)
 

@@ -82,15 +82,6 @@ def _ragged(x_nd, topk_nk, w_nk, weights, *, sort, ffn, axis: str, num_experts: 
     return _combine(y_sorted, w_nk.reshape(-1)[order].astype(y_sorted.dtype), token_of_row, n)
 
 
-def _vary_alike(*arrays):
-    """The arrays typed as varying over every mesh axis any of them varies over. The grouped matmul's custom_vjp
-    gives each operand's cotangent the varying axes of both operands; casting first makes that legal, and each
-    cast's transpose is the psum a replicated operand's gradient needs."""
-    axes = [jax.typeof(a).manual_axis_type.varying for a in arrays]
-    union = frozenset().union(*axes)
-    return [lax.pcast(a, tuple(sorted(union - v)), to="varying") if union - v else a for a, v in zip(arrays, axes)]
-
-
 ragged_all_to_all = lax.ragged_all_to_all  # module attribute so tests can emulate it on CPU
 
 
@@ -104,7 +95,7 @@ def _local(x_btd, valid_bt, gate_de, bias_e, w_gate, w_up, w_down, *, route, sor
     load_e = jnp.zeros((num_experts,), jnp.int32).at[topk_nk].add(valid_n[:, None].astype(jnp.int32))
     if token_axes:
         load_e = lax.psum(load_e, token_axes)
-    x_nd, *weights = _vary_alike(x_nd.astype(dtype), w_gate, w_up, w_down)
+    x_nd, weights = x_nd.astype(dtype), (w_gate, w_up, w_down)
     if expert_axis is None:
         token_of_row, order, group_sizes = sort(topk_nk, num_experts)
         y_rows = ffn(x_nd[token_of_row], group_sizes, *weights)
@@ -146,7 +137,7 @@ def routed_experts(x_btd, gate_de, bias_e, w_gate, w_up, w_down, *, route, sort,
     body = functools.partial(_local, route=route, sort=sort, ffn=ffn, dtype=dtype, expert_axis=expert_axis,
                              tensor_axis=tensor_axis, token_axes=token_axes, dispatch=dispatch_kind())
     out = jax.shard_map(body, in_specs=(tok_spec, P(*tok_spec[:2]), P(), P(), up_spec, up_spec, down_spec),
-                        out_specs=(tok_spec, tok_spec, tok_spec, P()))(
+                        out_specs=(tok_spec, tok_spec, tok_spec, P()), check_vma=False)(
         x_btd, valid_bt, gate_de, bias_e, w_gate, w_up, w_down)
     y, topk, logits, load = out
     return y[:b], topk[:b], logits[:b], load
