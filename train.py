@@ -4,16 +4,11 @@ Resumes from the newest complete checkpoint in DIR/checkpoints (params, optimize
 to DIR/metrics.jsonl and DIR/tb, saves on SIGTERM, and stops before saving if the loss is not finite.
 """
 import argparse
-import dataclasses
 import logging
 import os
 import sys
-import time
 
 import jax
-import jax.numpy as jnp
-import numpy as np
-from flax import nnx
 
 
 def parse_args(argv):
@@ -21,6 +16,9 @@ def parse_args(argv):
     p.add_argument("--config", required=True, help="training YAML (configs/*.yaml)")
     p.add_argument("--workdir", required=True, help="checkpoints, metrics and plots go here")
     p.add_argument("--profile", default=None, help="START:END steps to trace with the jax profiler")
+    p.add_argument("--distributed", choices=("auto", "on", "off"), default="auto",
+                   help="join jax.distributed: 'on' on TPU pod slices / multi-slice (auto-detected topology), "
+                        "'auto' when SLURM or coordinator settings are present")
     p.add_argument("--coordinator", default=None, help="host:port of process 0 (multi-host GPU without SLURM)")
     p.add_argument("--num-processes", type=int, default=None)
     p.add_argument("--process-id", type=int, default=None)
@@ -30,10 +28,12 @@ def parse_args(argv):
 
 def maybe_initialize_distributed(args) -> None:
     """Join the multi-host runtime when launched on several hosts (TPU pod slices, SLURM, explicit flags)."""
+    if args.distributed == "off":
+        return
     if args.coordinator:
         jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
-    elif any(k in os.environ for k in ("TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS", "SLURM_JOB_ID",
-                                        "JAX_COORDINATOR_ADDRESS")) and os.environ.get("LING_SINGLE_HOST") != "1":
+    elif args.distributed == "on" or int(os.environ.get("SLURM_NTASKS", "1")) > 1 or any(
+            k in os.environ for k in ("JAX_COORDINATOR_ADDRESS", "MEGASCALE_COORDINATOR_ADDRESS")):
         jax.distributed.initialize()
 
 
