@@ -83,9 +83,15 @@ def _load(args):
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, None: None}[args.dtype]
     mesh = None
     if args.mesh:
+        import math
+
+        import sharding
+
         sizes = parse_mesh(args.mesh)
-        mesh = jax.make_mesh(tuple(sizes.values()), tuple(sizes),
-                             axis_types=(jax.sharding.AxisType.Auto,) * len(sizes))
+        n = math.prod(sizes.values())
+        if n > jax.device_count():
+            raise SystemExit(f"--mesh {args.mesh} needs {n} devices; {jax.device_count()} are attached")
+        mesh = sharding.make_mesh(sizes, devices=jax.devices()[:n])
     model = ling.from_pretrained(d, dtype=dtype, mesh=mesh)
     tokenizer = None
     if os.path.exists(os.path.join(d, "tokenizer.json")):
@@ -100,85 +106,94 @@ def _defaults(args) -> dict:
     return {**d, "stop": args.stop} if args.stop else d
 
 
-def _serve(args) -> int:
-    import contextlib
+def _read(args, limits, tokenizer) -> list:
+    """One Request or error record per non-blank input line (or for --prompt), in input order."""
+    from ling.serving import parse_line
 
-    import jax
-
-    from ling.serving import Engine, EngineConfig, Limits, Request, output_record, parse_line
-
-    model, tokenizer, mesh = _load(args)
-    mc = model.config
-    limit = min(args.max_len or mc.max_position_embeddings, mc.max_position_embeddings)
-    limits = Limits(vocab_size=mc.vocab_size, max_len=limit)
-    defaults = _defaults(args)
     if args.prompt is not None:
         lines = [json.dumps({"prompt": args.prompt})]
     else:
         with open(args.input) as f:
             lines = f.read().splitlines()
-    parsed = []  # (input position, Request or error record)
-    for n, line in enumerate(lines, 1):
-        if line.strip():
-            parsed.append(parse_line(line, n, limits, tokenizer, defaults))
-    requests = [(i, r) for i, r in enumerate(parsed) if isinstance(r, Request)]
+    return [parse_line(line, n, limits, tokenizer, _defaults(args)) for n, line in enumerate(lines, 1)
+            if line.strip()]
+
+
+class _OrderedWriter:
+    """Writes result records in input order as soon as every earlier one is known; reports progress on stderr."""
+
+    def __init__(self, items: list, out, n_requests: int):
+        self.items, self.out, self.n_requests = items, out, n_requests
+        self.results, self.next, self.done, self.tokens, self.t0 = {}, 0, 0, 0, time.time()
+        self.errors = sum(isinstance(x, dict) for x in items)
+
+    def add(self, index: int, record: dict) -> None:
+        self.results[index] = record
+        self.done += 1
+        self.errors += "error" in record
+        self.tokens += len(record.get("token_ids", ()))
+        rate = self.tokens / max(time.time() - self.t0, 1e-9)
+        print(f"\r[serve] {self.done}/{self.n_requests} requests done, {self.errors} errors, {self.tokens} tokens, "
+              f"{rate:.1f} tok/s", end="", file=sys.stderr, flush=True)
+        self.flush()
+
+    def flush(self) -> None:
+        while self.next < len(self.items) and (self.next in self.results or isinstance(self.items[self.next], dict)):
+            self.out.write(json.dumps(self.results.pop(self.next, None) or self.items[self.next]) + "\n")
+            self.next += 1
+        self.out.flush()
+
+
+def _serve(args) -> int:
+    import contextlib
+
+    import jax
+
+    from ling.serving import Engine, EngineConfig, Limits, Request, output_record
+
+    model, tokenizer, mesh = _load(args)
+    mc = model.config
+    if args.max_len is not None and not 1 <= args.max_len <= mc.max_position_embeddings:
+        raise SystemExit(f"--max-len {args.max_len} must be in [1, max_position_embeddings="
+                         f"{mc.max_position_embeddings}]")
+    items = _read(args, Limits(vocab_size=mc.vocab_size, max_len=args.max_len or mc.max_position_embeddings),
+                  tokenizer)
+    requests = [(i, r) for i, r in enumerate(items) if isinstance(r, Request)]
     need = max((len(r.prompt_ids) + r.max_new_tokens for _, r in requests), default=1)
     config = EngineConfig(max_slots=args.max_slots, max_len=args.max_len or need, page_size=args.page_size,
                           num_pages=args.num_pages, prefill_chunk=args.prefill_chunk)
     detok = None if tokenizer is None else (lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
     engine = Engine(model, config, detokenize=detok)
-    out = open(args.output, "w") if args.output else sys.stdout
-    results, next_out, t0, n_tok = {}, 0, time.time(), 0
-    errors = sum(not isinstance(r, Request) for r in parsed)
-
-    def flush():
-        nonlocal next_out
-        while next_out < len(parsed) and (next_out in results or not isinstance(parsed[next_out], Request)):
-            rec = results.pop(next_out, None) or parsed[next_out]
-            out.write(json.dumps(rec) + "\n")
-            next_out += 1
-        out.flush()
-
-    def progress(done):
-        rate = n_tok / max(time.time() - t0, 1e-9)
-        print(f"\r[serve] {done}/{len(requests)} requests done, {errors} errors, {n_tok} tokens, {rate:.1f} tok/s",
-              end="", file=sys.stderr, flush=True)
-
-    streamed = []
-
-    def stream(_request, token):
-        streamed.append(token)
-        if tokenizer is None:
-            print(token, end=" ", flush=True)
-        else:
-            before = len(detok(streamed[:-1]))
-            print(detok(streamed)[before:], end="", flush=True)
-
+    results = {}  # input position -> output record
     position = {id(r): i for i, r in requests}
-    ctx = jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
-    done = 0
-    with ctx:
-        for fin in engine.run([r for _, r in requests], on_token=stream if args.prompt is not None else None):
-            i = position[id(fin.request)]
-            if fin.error is not None:
-                results[i] = {"id": fin.request.id, "error": fin.error}
-                errors += 1
-            else:
-                results[i] = output_record(fin.request, fin.token_ids, fin.finish_reason, tokenizer)
-                n_tok += len(fin.token_ids)
-            done += 1
-            if args.prompt is None:
-                progress(done)
-                flush()
+    mesh_ctx = jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
     if args.prompt is not None:
-        print(file=sys.stderr)
-        rec = results.get(0) or parsed[0]
+        streamed = []
+
+        def stream(_request, token):
+            streamed.append(token)
+            if detok is None:
+                print(token, end=" ", flush=True)
+            else:  # decode the whole tail: a token may complete a multi-byte character
+                print(detok(streamed)[len(detok(streamed[:-1])):], end="", flush=True)
+
+        with mesh_ctx:
+            for fin in engine.run([r for _, r in requests], on_token=stream):
+                results[0] = {"error": fin.error} if fin.error else {"finish_reason": fin.finish_reason,
+                                                                     "n": len(fin.token_ids)}
+        rec = results.get(0) or items[0]
         if "error" in rec:
             print(f"error: {rec['error']}", file=sys.stderr)
             return 1
-        print(f"\n[finish_reason: {rec['finish_reason']}, {len(rec['token_ids'])} tokens]", file=sys.stderr)
+        print(f"\n[{rec['finish_reason']}, {rec['n']} tokens]", file=sys.stderr)
         return 0
-    flush()
+    out = open(args.output, "w") if args.output else sys.stdout
+    writer = _OrderedWriter(items, out, len(requests))
+    with mesh_ctx:
+        for fin in engine.run([r for _, r in requests]):
+            writer.add(position[id(fin.request)], {"id": fin.request.id, "error": fin.error} if fin.error else
+                       output_record(fin.request, fin.token_ids, fin.finish_reason, tokenizer))
+    writer.flush()
     print(file=sys.stderr)
     if out is not sys.stdout:
         out.close()

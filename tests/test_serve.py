@@ -1,7 +1,6 @@
 """Serving: the continuous-batching engine against the published reference's outputs, batching and chunking
 invariances, a long-context prefill against a full forward pass, bad input, the memory plan, and the CLI."""
 import json
-import math
 import os
 import pathlib
 import re
@@ -85,8 +84,8 @@ def test_prefill_pieces_bound_compiled_shapes():
 
 
 def test_long_context_chunked_prefill_equals_full_forward():
-    """A tiny hybrid model (hidden 32, 2 heads, one Lightning + one MLA layer) prefills LONG_TOKENS tokens in chunks
-    of 2048 and decodes; the logits of every generated token equal a full forward pass over the same tokens."""
+    """A tiny hybrid model (hidden 32, 2 heads, one Lightning + one MLA layer) prefills LONG_TOKENS - 1023 tokens in
+    chunks of 2048 and decodes; the logits of every generated token equal a full forward pass over the same tokens."""
     n = LONG_TOKENS
     c = LingConfig(vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
                    num_key_value_heads=2, head_dim=16, layer_group_size=2, group_norm_size=2, num_experts=2,
@@ -96,7 +95,8 @@ def test_long_context_chunked_prefill_equals_full_forward():
                    attention_impl="reference", eos_token_id=None, pad_token_id=None)
     assert [c.is_mla_layer(i) for i in range(2)] == [False, True]
     m = LingModel(c, rngs=nnx.Rngs(0))
-    ids = np.random.default_rng(0).integers(0, c.vocab_size, n - 5)  # not a multiple of the chunk
+    # Pieces 1024 + 1 (a one-token piece takes the decode path) + full chunks: few compiled shapes.
+    ids = np.random.default_rng(0).integers(0, c.vocab_size, n - 1024 + 1)
     engine = Engine(m, EngineConfig(max_slots=1, max_len=n, page_size=256, prefill_chunk=2048), keep_logits=True)
     done, = engine.run([_request(0, ids, max_new_tokens=4)])
     full = m(jnp.asarray(np.concatenate([ids, done.token_ids[:-1]])[None], jnp.int32))
@@ -182,7 +182,8 @@ def test_plan_matches_hand_calculation():
 def test_plan_cli_json():
     out = subprocess.run([sys.executable, "serve.py", "--plan", "--config", "configs/ling-2.5-1t.yaml", "--context",
                           "1048576", "--mesh", "tensor=8,expert=8", "--device-gib", "141", "--json"],
-                         cwd=REPO, capture_output=True, text=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+                         cwd=REPO, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert out.returncode == 0, out.stderr
     plan = json.loads(out.stdout)
     assert plan["fits"] and plan["devices"] == 64 and plan["latent_per_seq"] == 12079595520
@@ -200,12 +201,14 @@ def _byte_tokenizer(path):
 
 
 def test_cli_end_to_end(tmp_path, golden):
+    """JSONL in, JSONL out in input order, on a 4-device (tensor 2 x expert 2) CPU mesh: good requests complete
+    (greedy = the reference), each bad line gets its error record."""
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
     for name in ("config.json", "model.safetensors"):
         (ckpt / name).symlink_to(FIXTURE_DIR / name)
     tok = _byte_tokenizer(ckpt / "tokenizer.json")
-    text = "The quick brown fox jumps over the lazy dog, twice."
+    text = "The quick brown fox jumps over a lazy dog"[:40]  # 40 tokens: the same compiled shapes as g0
     lines = [json.dumps({"id": "g0", "prompt_ids": golden["input_ids"][0].tolist(), "max_new_tokens": 8}),
              "{broken",
              json.dumps({"id": "txt", "prompt": text, "max_new_tokens": 6}),
@@ -217,8 +220,10 @@ def test_cli_end_to_end(tmp_path, golden):
     (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")
     out = subprocess.run([sys.executable, "serve.py", "--checkpoint", str(ckpt), "--input", str(tmp_path / "in.jsonl"),
                           "--output", str(tmp_path / "out.jsonl"), "--max-slots", "2", "--page-size", "8",
-                          "--prefill-chunk", "16", "--max-new-tokens", "8"],
-                         cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+                          "--prefill-chunk", "64", "--max-new-tokens", "8", "--mesh", "tensor=2,expert=2"],
+                         cwd=REPO, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu",
+                              "XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
     assert out.returncode == 0, out.stderr
     assert "4/4 requests done" in out.stderr
     recs = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]

@@ -91,18 +91,21 @@ def run(cfg: TrainConfig, workdir: str, profile: tuple[int, int] | None = None) 
     checkpointer = TrainCheckpointer(os.path.join(workdir, "checkpoints"), save_interval_steps=t.save_every,
                                      max_to_keep=t.keep_checkpoints, async_save=t.async_checkpointing)
     iterator = make_iterator(data_cfg)
-    metrics = MetricsLogger(workdir)
+    is_main = jax.process_index() == 0  # one writer for the shared workdir's logs
+    metrics = MetricsLogger(workdir) if is_main else None
     restored = checkpointer.restore_latest(jax.tree.map(
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state), mesh=mesh)
     if restored is not None:
         step, state, meta = restored
         if meta.get("data") is not None:  # None: converted from a published checkpoint, data starts fresh
             iterator.set_state(meta["data"])
-        metrics.truncate_after(step)
-        print(f"resumed from step {step} in {checkpointer.directory}", flush=True)
+        if is_main:
+            metrics.truncate_after(step)
+            print(f"resumed from step {step} in {checkpointer.directory}", flush=True)
     else:
         step = 0
-        metrics.truncate_after(-1)
+        if is_main:
+            metrics.truncate_after(-1)
     stop = install_sigterm_handler()
     chip = detect_chip()
     schedule = learning_rate_schedule(cfg.optimizer)
@@ -123,7 +126,7 @@ def run(cfg: TrainConfig, workdir: str, profile: tuple[int, int] | None = None) 
             window_steps += 1
             if profile and step == profile[1]:
                 jax.profiler.stop_trace()
-            if step % t.log_every == 0 or step == t.steps:
+            if is_main and (step % t.log_every == 0 or step == t.steps):
                 elapsed = time.perf_counter() - window_start
                 record = {k: float(v) for k, v in m.items()}
                 record.update(lr=float(schedule(step - 1)), tokens_per_s=window_steps * tokens_per_step / elapsed)
@@ -143,13 +146,15 @@ def run(cfg: TrainConfig, workdir: str, profile: tuple[int, int] | None = None) 
         return 1
     finally:
         checkpointer.close()
-        metrics.close()
-    print(f"loss plot: {plot_losses(workdir)}", flush=True)
-    _sample(cfg, graphdef, state, data_cfg)
+        if is_main:
+            metrics.close()
+    if is_main:
+        print(f"loss plot: {plot_losses(workdir)}", flush=True)
+    _sample(cfg, graphdef, state, data_cfg, print_it=is_main)
     return 0
 
 
-def _sample(cfg: TrainConfig, graphdef, state, data_cfg: DataConfig) -> None:
+def _sample(cfg: TrainConfig, graphdef, state, data_cfg: DataConfig, print_it: bool) -> None:
     t = cfg.train
     if not (t.sample_prompt and data_cfg.tokenizer):
         return
@@ -157,4 +162,5 @@ def _sample(cfg: TrainConfig, graphdef, state, data_cfg: DataConfig) -> None:
     model = nnx.merge(graphdef, state["params"], state["rest"])
     ids = tok.encode(t.sample_prompt).ids
     new = ling.generate(model, np.asarray([ids], np.int32), max_new_tokens=t.sample_tokens)
-    print(f"sample: {t.sample_prompt}{tok.decode(np.asarray(new[0]).tolist())}", flush=True)
+    if print_it:
+        print(f"sample: {t.sample_prompt}{tok.decode(np.asarray(new[0]).tolist())}", flush=True)

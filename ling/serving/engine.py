@@ -151,7 +151,7 @@ class Engine:
         s, p = config.max_slots, config.max_pages
         self._page_table = np.full((s, p), SCRATCH_PAGE, np.int32)
         self.cache = init_cache(mc, s, config.max_len, dtype=model.dtype, page_size=config.page_size,
-                                num_pages=config.pool_pages(), page_table=self._page_table)
+                                num_pages=config.pool_pages(), page_table=self._page_table.copy())
         self._free_pages = collections.deque(range(1, config.pool_pages()))
         self._slots: list[_Slot | None] = [None] * s
         self.stats = collections.Counter()
@@ -176,6 +176,8 @@ class Engine:
     def check(self, request: Request) -> None:
         """RequestError unless the request is valid and its pages fit the pool."""
         validate_request(request, self.limits)
+        if request.stop_strings and self.detokenize is None:
+            raise RequestError("stop strings need a tokenizer; this engine has none (give stop token ids)")
         need = self._pages_needed(request)
         if need > self.config.pool_pages() - 1:
             raise RequestError(f"request needs {need} cache pages of {self.config.page_size} tokens; the pool has "
@@ -205,7 +207,8 @@ class Engine:
         self._sync_page_table()
 
     def _sync_page_table(self) -> None:
-        self.cache = self.cache.replace(page_table=jnp.asarray(self._page_table))
+        # A copy: on CPU a device array may alias host memory, and this table keeps changing.
+        self.cache = self.cache.replace(page_table=jnp.array(self._page_table, copy=True))
 
     def _finish_reason(self, s: _Slot) -> str | None:
         r, toks = s.request, s.tokens

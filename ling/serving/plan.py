@@ -1,13 +1,16 @@
 """Serving memory plan: weights, MLA latent cache, Lightning state and activations per device for a context length.
 
 Weights are counted exactly from the model's abstract parameters (`nnx.eval_shape`), each divided by the mesh axes
-its logical axis names map to (`SERVE_RULES`, the design's defaults: heads/mlp/vocab over `tensor`, experts over
-`expert`, embed over `fsdp`; other axes replicate). Caches follow ling/cache.py: per MLA layer
-(kv_lora_rank + qk_rope_head_dim) values per token in the cache dtype, rounded up to whole pages and split over
-`context`; per Lightning layer an fp32 [H, D, D] state with heads over `tensor`; sequences over `data` x `fsdp`.
-Activations are the prefill peak of one chunk: the fp32 logits of the chunk, the chunk's layer activations, and the
-per-head K/V that ling/layers/mla.py expands over the whole cache window when it prefills a chunk (the largest term
-at long context). Score matrices are not counted: the Pallas flash kernels never form them.
+of its PartitionSpec under sharding.rules (the same table `from_pretrained(mesh=...)` places them with). Caches
+follow ling/cache.py: per MLA layer (kv_lora_rank + qk_rope_head_dim) values per token in the cache dtype, rounded
+up to whole pages, split over the "length" axes; per Lightning layer an fp32 [H, D, D] state, split over the
+"heads" axes; sequences over the "batch" axes.
+
+Activations are the prefill peak of one chunk: the chunk's fp32 logits and layer activations; the per-head K/V
+that ling/layers/mla.py expands over the whole cache window when it prefills a chunk (the largest term at long
+context); and the second copy of the scanned groups' page pools that every forward pass writes today (the groups
+return their pools as scan outputs instead of updating them in place). Score matrices are not counted: the Pallas
+flash kernels never form them.
 """
 from __future__ import annotations
 
@@ -16,16 +19,14 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from ling.config import LingConfig
-from ling.layers.params import logical_axes_of
 from ling.model import LingModel
+from ling.stack import StackPlan
+from sharding import MESH_AXES, make_abstract_mesh, param_specs
+from sharding.rules import mesh_axes
 
-MESH_AXES = ("data", "fsdp", "expert", "tensor", "context")
-SERVE_RULES = {"embed": "fsdp", "heads": "tensor", "heads_merged": "tensor", "mlp": "tensor", "exp": "expert",
-               "vocab": "tensor"}
 DEFAULT_DEVICE_GIB = 95.0  # TPU v5p HBM, when no accelerator is attached to ask
 GIB = 2**30
 
@@ -48,20 +49,30 @@ def _div(n: int, parts: int) -> int:
     return -(-n // parts)
 
 
+def _abstract_mesh(mesh: dict[str, int]):
+    return make_abstract_mesh(mesh, math.prod(mesh.values()))
+
+
+def split(name: str, mesh: dict[str, int]) -> int:
+    """How many ways the sharding rules split logical axis `name` on `mesh`."""
+    amesh = _abstract_mesh(mesh)
+    return math.prod(amesh.shape[a] for a in mesh_axes(name, amesh))
+
+
 def weight_bytes(config: LingConfig, dtype, mesh: dict[str, int]) -> tuple[int, int]:
     """(total bytes, bytes on one device) of every model variable; Params in `dtype`, others (the fp32 expert bias)
     in their own dtype."""
     model = nnx.eval_shape(lambda: LingModel(config, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0)))
+    state = nnx.state(model)
+    amesh = _abstract_mesh(mesh)
+    specs = dict(nnx.to_flat_state(param_specs(state, amesh)))
     total = per_device = 0
-    for _, var in nnx.to_flat_state(nnx.state(model)):
-        shape = list(var.shape)
+    for path, var in nnx.to_flat_state(state):
         itemsize = jnp.dtype(var.dtype).itemsize
-        total += math.prod(shape) * itemsize
-        axes = logical_axes_of(var) or ()
-        for i, name in enumerate(axes):  # names label the trailing dims (stacked layer axes lead)
-            dim = len(shape) - len(axes) + i
-            shape[dim] = _div(shape[dim], mesh.get(SERVE_RULES.get(name), 1))
-        per_device += math.prod(shape) * itemsize
+        total += math.prod(var.shape) * itemsize
+        spec = tuple(specs[path].get_value()) + (None,) * len(var.shape)
+        parts = [math.prod(amesh.shape[a] for a in ((s,) if isinstance(s, str) else s or ())) for s in spec]
+        per_device += math.prod(_div(n, k) for n, k in zip(var.shape, parts)) * itemsize
     return total, per_device
 
 
@@ -142,30 +153,31 @@ def memory_plan(config: LingConfig, context: int, *, batch: int = 1, mesh: dict[
     and activations) on `mesh` (axis -> size)."""
     if context < 1 or batch < 1:
         raise ValueError(f"context and batch must be >= 1, got context={context}, batch={batch}")
-    mesh = dict(mesh or {})
+    mesh = {k: v for k, v in (mesh or {}).items() if v > 1}
     c = config
-    ax = lambda name: mesh.get(name, 1)
     item = jnp.dtype(dtype).itemsize
     n_mla = sum(c.is_mla_layer(i) for i in range(c.num_hidden_layers))
     n_lin = c.num_hidden_layers - n_mla
-    seqs = _div(batch, ax("data") * ax("fsdp"))
+    seqs = _div(batch, split("batch", mesh))
     padded = _div(context, page_size) * page_size
+    window = _div(padded, split("length", mesh))
     latent_row = (c.kv_lora_rank + c.qk_rope_head_dim) * item
     latent_per_seq = n_mla * padded * latent_row
-    latent_dev = seqs * n_mla * _div(padded, ax("context")) * latent_row
+    latent_dev = seqs * n_mla * window * latent_row
     state_per_seq = n_lin * c.num_attention_heads * c.head_dim**2 * 4
-    heads = _div(c.num_attention_heads, ax("tensor"))
+    heads = _div(c.num_attention_heads, split("heads", mesh))
     state_dev = seqs * n_lin * heads * c.head_dim**2 * 4
     chunk = min(prefill_chunk, context)
-    window = _div(padded, ax("context"))
-    mlp_loc = _div(max(c.intermediate_size, c.moe_intermediate_size * c.num_experts_per_tok), ax("tensor"))
+    mlp_loc = _div(max(c.intermediate_size, c.moe_intermediate_size * c.num_experts_per_tok), split("mlp", mesh))
     activations = {
-        f"logits of a {chunk}-token chunk (fp32)": chunk * _div(c.vocab_size, ax("tensor")) * 4,
+        f"logits of a {chunk}-token chunk (fp32)": chunk * _div(c.vocab_size, split("vocab", mesh)) * 4,
         f"layer activations of a {chunk}-token chunk": chunk * item * (
             6 * c.hidden_size + 6 * heads * c.head_dim + 3 * mlp_loc),
         f"MLA prefill K/V expanded over the {window:,}-token window": window * item * (
             c.kv_lora_rank + c.qk_rope_head_dim
             + heads * (2 * c.qk_nope_head_dim + c.qk_rope_head_dim + c.v_head_dim)),
+        "second copy of the scanned groups' page pools": seqs * StackPlan.from_config(c).n_groups * window
+        * latent_row,
     }
     if device_bytes is None:
         device_bytes, source = device_memory()
