@@ -4,9 +4,7 @@ Measured: the model's single-token decode step over a paged cache (what the serv
 hybrid config (layer_group_size G: G-1 Lightning + 1 MLA) and the same model with layer_group_size=1 (all MLA).
 The cache is allocated once at --max-context and donated to each step (in-place page writes, as in the engine);
 only `lengths` changes between points, so each config compiles once and the work per step follows `lengths` (the
-MLA decode loops stop at the longest sequence). The default tiny model keeps every layer in the unscanned head
-(dense MLPs): a scanned group currently copies its stacked page pool every step (docs/serving.md), which would
-make the step cost follow the pool's capacity instead of the context. This model has no GQA layer, so GQA is only
+MLA decode loops stop at the longest sequence). This model has no GQA layer, so GQA is only
 computed: 2 x kv_heads x head_dim values per token per layer.
 
 Computed for Ling-2.5-1T (configs/ling-2.5-1t.yaml; GQA with --gqa-kv-heads, Ling 2.0's 8): cache bytes resident

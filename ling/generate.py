@@ -12,7 +12,7 @@ from ling.sampling import sample_tokens
 
 @functools.partial(jax.jit, static_argnums=(0,))
 def _prefill(graphdef, state, input_ids, cache):
-    out = nnx.merge(graphdef, state).forward(input_ids, cache=cache)
+    out = nnx.merge(graphdef, state).forward(input_ids, cache=cache, last_logits_only=True)
     return out.logits[:, -1], out.cache
 
 

@@ -65,12 +65,13 @@ class LingModel(nnx.Module):
         return (out.logits, out.mtp_logits) if return_mtp_logits else out.logits
 
     def forward(self, input_ids, positions=None, segment_ids=None, *, cache: DecodeCache | None = None,
-                return_mtp: bool = False, collect: bool = False) -> ModelOutput:
+                return_mtp: bool = False, collect: bool = False, last_logits_only: bool = False) -> ModelOutput:
         """The full forward pass.
 
         input_ids [B, T] int; positions [B, T] (default 0..T-1, or continuing from cache.lengths); segment_ids
         [B, T] document ids of packed rows (attention and the Lightning state never cross a change of id). With
-        `cache`, the T tokens extend each cached sequence and the updated cache is returned.
+        `cache`, the T tokens extend each cached sequence and the updated cache is returned. last_logits_only
+        computes the LM head for the last position only (prefill), giving logits [B, 1, vocab].
         """
         c = self.config
         b, t = input_ids.shape
@@ -101,7 +102,7 @@ class LingModel(nnx.Module):
             new_layers["tail"].append(entry)
             auxes.append(jax.tree.map(lambda a: a[None], aux))
         h = self.norm(x)
-        logits = self._lm_head(h)
+        logits = self._lm_head(h[:, -1:] if last_logits_only else h)
         loads = [a["load"] for a in auxes if "load" in a]
         mtp_logits = None
         if return_mtp and len(self.mtp):
@@ -161,15 +162,30 @@ class LingModel(nnx.Module):
         return f(block, x, entry)
 
     def _groups(self, x, ctx, cache, collect):
+        """The scanned groups. Lightning states travel as scanned data (small); the MLA page pools of all groups
+        are one flat pool in the scan carry, each group's layer addressing its pages through a page offset, so a
+        step updates the pool in place instead of copying every group's pool through the scan's outputs."""
         plan = self.plan
+        n = plan.n_groups
+        pool, pages = None, 0
+        if cache is not None:
+            pages = cache["mla"]["latent"].shape[1]
+            pool = {k: v.reshape(n * pages, *v.shape[2:]) for k, v in cache["mla"].items()}
 
-        def body(group, x, inp):
-            g, entry = inp
+        def body(group, carry, inp):
+            x, pool = carry
+            g, lightning = inp
+            entry = None if pool is None else {"lightning": lightning, "mla": {**pool, "page_offset": g * pages}}
             x, entry, aux = group(x, ctx, plan.group_start + g * plan.group_size, entry, collect=collect,
                                   scan=self.scan_layers, remat=self.remat)
-            return x, (entry, aux)
+            if entry is None:
+                return (x, None), (None, aux)
+            return (x, entry["mla"]), (entry["lightning"], aux)
 
-        x, (entries, aux) = apply_stacked(self.groups, x, (jnp.arange(plan.n_groups), cache), body,
-                                          scan=self.scan_layers, remat=Remat.NONE)
+        (x, pool), (lightning, aux) = apply_stacked(
+            self.groups, (x, pool), (jnp.arange(n), None if cache is None else cache["lightning"]), body,
+            scan=self.scan_layers, remat=Remat.NONE)
         aux = jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), aux)  # [n_groups, G, ...] -> layer order
+        entries = None if cache is None else {
+            "lightning": lightning, "mla": {k: v.reshape(n, pages, *v.shape[1:]) for k, v in pool.items()}}
         return x, entries, aux

@@ -6,7 +6,8 @@ entry. Each device routes its own tokens, then one of two exact dispatches runs 
 
 * ragged (TPU/GPU): assignments sorted by expert are sent with lax.ragged_all_to_all to the shard owning the
   expert, regrouped by local expert for the grouped matmul, and sent back the same way. The receive buffer holds
-  the worst case (every peer's tokens all choosing this shard), so nothing is ever dropped.
+  the worst case (every peer's tokens all choosing this shard), so nothing is ever dropped; tokens go in chunks
+  small enough that this worst case is no bigger than the rows a shard sends (`dispatch_chunks`).
 * gather (CPU, where XLA has no ragged-all-to-all): tokens are all-gathered over the expert axis, each shard runs
   its local experts on the assignments that chose them, and a reduce-scatter returns each token's sum to its owner.
 
@@ -25,7 +26,7 @@ from sharding.rules import logical_to_spec, mesh_axes
 
 
 def dispatch_kind() -> str:
-    """"ragged" where XLA implements ragged-all-to-all (TPU, GPU), else "gather"."""
+    """The dispatch for this backend: ragged where XLA implements ragged-all-to-all (TPU, GPU), else gather."""
     return "ragged" if jax.default_backend() in ("tpu", "gpu", "cuda", "rocm") else "gather"
 
 
@@ -53,7 +54,28 @@ def _exclusive_cumsum(x):
     return jnp.cumsum(x) - x
 
 
+def dispatch_chunks(n: int, k: int, e_local: int, shards: int) -> int:
+    """How many token chunks the ragged dispatch sends one after another: enough that a chunk's worst-case receive
+    buffer (every peer's chunk choosing only this shard's experts, n/c · min(k, e_local) · shards rows) is no
+    larger than the n · k rows this shard sends, and a divisor of n."""
+    target = max(1, shards * min(k, e_local) // k)
+    return max(c for c in range(1, min(target, n) + 1) if n % c == 0)
+
+
 def _ragged(x_nd, topk_nk, w_nk, weights, *, sort, ffn, axis: str, num_experts: int):
+    """Dispatch in token chunks (each rematerialised in the backward pass, so one chunk's buffers are live)."""
+    n, k = topk_nk.shape
+    shards = lax.axis_size(axis)
+    chunks = dispatch_chunks(n, k, num_experts // shards, shards)
+    one = functools.partial(_ragged_chunk, weights=weights, sort=sort, ffn=ffn, axis=axis, num_experts=num_experts)
+    if chunks == 1:
+        return one(x_nd, topk_nk, w_nk)
+    split = lambda a: a.reshape(chunks, n // chunks, *a.shape[1:])
+    y_cnd = lax.map(jax.checkpoint(lambda xs: one(*xs)), (split(x_nd), split(topk_nk), split(w_nk)))
+    return y_cnd.reshape(n, -1)
+
+
+def _ragged_chunk(x_nd, topk_nk, w_nk, *, weights, sort, ffn, axis: str, num_experts: int):
     """Send each assignment to its expert's shard with ragged_all_to_all, run the local experts, send back."""
     n, k = topk_nk.shape
     shards = lax.axis_size(axis)
@@ -101,7 +123,8 @@ def _local(x_btd, valid_bt, gate_de, bias_e, w_gate, w_up, w_down, *, route, sor
         y_rows = ffn(x_nd[token_of_row], group_sizes, *weights)
         y_nd = _combine(y_rows, w_nk.reshape(-1)[order].astype(y_rows.dtype), token_of_row, b * t)
     elif dispatch == "ragged":
-        y_nd = _ragged(x_nd, topk_nk, w_nk, weights, sort=sort, ffn=ffn, axis=expert_axis, num_experts=num_experts)
+        y_nd = _ragged(x_nd, topk_nk, w_nk, weights, sort=sort, ffn=ffn, axis=expert_axis,
+                       num_experts=num_experts)
     else:
         y_nd = _gathered(x_nd, topk_nk, w_nk, weights, sort=sort, ffn=ffn, axis=expert_axis)
     if tensor_axis is not None:

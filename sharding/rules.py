@@ -20,14 +20,15 @@ from sharding.mesh import MESH_AXES, active_mesh
 Rules = Mapping[str, "str | tuple[str, ...] | None"]
 
 DEFAULT_RULES: dict = {
-    # parameters
-    "embed": "fsdp",
+    # parameters. The hidden dim is the FSDP dim, sharded over every axis that splits the batch except data
+    # (pure replicas): parameters without an expert or head dim are then not replicated across those axes.
+    "embed": ("fsdp", "context", "expert"),
     "vocab": "tensor",
     "heads": "tensor",
     "heads_merged": "tensor",  # the Lightning output norm over heads * head_dim
     "head_dim": None,
-    "q_latent": None,
-    "kv_latent": None,
+    "q_latent": ("fsdp", "context", "expert"),  # only where "embed" is not on the same tensor (q_b_proj, kv_b_proj)
+    "kv_latent": ("fsdp", "context", "expert"),
     "mlp": "tensor",
     "exp": "expert",
     "layers": None,
@@ -35,7 +36,10 @@ DEFAULT_RULES: dict = {
     # activations
     "batch": ("data", "fsdp", "expert"),
     "length": "context",
-    "act_embed": None,  # the residual stream's hidden dim
+    # The residual stream's hidden dim between blocks: split over tensor (sequence-parallel style), so the layer
+    # inputs kept for the backward pass are not replicated across tensor shards; the tensor all-reduce becomes a
+    # reduce-scatter + all-gather of the same volume.
+    "act_embed": "tensor",
 }
 
 _ACTIVE_RULES: contextvars.ContextVar = contextvars.ContextVar("ling_sharding_rules", default=None)

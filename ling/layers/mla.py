@@ -112,12 +112,14 @@ class MLAttention(nnx.Module):
         scale = mla_softmax_scale(c)
         new_cache = None
         if ctx.cached:
-            latent_pages = write_pages(cache["latent"], latent_btr, ctx.page_table, ctx.lengths)
-            rope_pages = write_pages(cache["rope"], k_rot_btp, ctx.page_table, ctx.lengths)
+            # Scanned groups share one flat pool for all their MLA layers; this layer's pages start at page_offset.
+            page_table = ctx.page_table + cache.get("page_offset", 0)
+            latent_pages = write_pages(cache["latent"], latent_btr, page_table, ctx.lengths)
+            rope_pages = write_pages(cache["rope"], k_rot_btp, page_table, ctx.lengths)
             new_cache = {"latent": latent_pages, "rope": rope_pages}
         if ctx.cached and x.shape[1] == 1:
             q_latent = jnp.einsum("bhn,rhn->bhr", q_nope[:, 0], w_uk)
-            o_latent = mla_decode(q_latent, q_rot[:, 0], latent_pages, rope_pages, ctx.page_table,
+            o_latent = mla_decode(q_latent, q_rot[:, 0], latent_pages, rope_pages, page_table,
                                   ctx.lengths + 1, scale=scale, impl=impl, interpret=interpret)
             o = jnp.einsum("bhr,rhv->bhv", o_latent.astype(dt), w_uv)[:, None]
         else:
@@ -125,10 +127,10 @@ class MLAttention(nnx.Module):
             if ctx.cached:
                 # Attend to every cached token before this chunk plus the chunk itself: a window ending at the
                 # chunk's last token, as wide as the cache, bottom-right aligned with the queries.
-                width = ctx.page_table.shape[1] * latent_pages.shape[1]
+                width = page_table.shape[1] * latent_pages.shape[1]
                 end = ctx.lengths + x.shape[1]
-                latent_btr, valid = gather_window(latent_pages, ctx.page_table, end, width)
-                k_rot_btp, _ = gather_window(rope_pages, ctx.page_table, end, width)
+                latent_btr, valid = gather_window(latent_pages, page_table, end, width)
+                k_rot_btp, _ = gather_window(rope_pages, page_table, end, width)
                 latent_btr, k_rot_btp = latent_btr.astype(dt), k_rot_btp.astype(dt)
                 segment_ids = (jnp.zeros(x.shape[:2], jnp.int32), jnp.where(valid, 0, 1).astype(jnp.int32))
                 o = attend(q_nope, q_rot, latent_btr, k_rot_btp, w_uk, w_uv, segment_ids=segment_ids)

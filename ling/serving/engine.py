@@ -97,7 +97,7 @@ def _prefill_piece(graphdef, params, cache: DecodeCache, slot, start, ids_1t, *,
     blank = jax.tree.map(jnp.zeros_like, rows).replace(lengths=rows.lengths, page_table=rows.page_table)
     rows = where_rows(jnp.reshape(start > 0, (1,)), rows, blank)  # a new sequence starts from a zero state
     view = rows.replace(lengths=jnp.reshape(start, (1,)), page_table=rows.page_table[:, :width])
-    out = nnx.merge(graphdef, params).forward(ids_1t, cache=view)
+    out = nnx.merge(graphdef, params).forward(ids_1t, cache=view, last_logits_only=True)
     return out.logits[:, -1], put_rows(cache, slot, out.cache.replace(page_table=rows.page_table))
 
 

@@ -6,11 +6,9 @@ follow ling/cache.py: per MLA layer (kv_lora_rank + qk_rope_head_dim) values per
 up to whole pages, split over the "length" axes; per Lightning layer an fp32 [H, D, D] state, split over the
 "heads" axes; sequences over the "batch" axes.
 
-Activations are the prefill peak of one chunk: the chunk's fp32 logits and layer activations; the per-head K/V
-that ling/layers/mla.py expands over the whole cache window when it prefills a chunk (the largest term at long
-context); and the second copy of the scanned groups' page pools that every forward pass writes today (the groups
-return their pools as scan outputs instead of updating them in place). Score matrices are not counted: the Pallas
-flash kernels never form them.
+Activations are the prefill peak of one chunk: the last position's fp32 logits and the chunk's layer activations,
+and the per-head K/V that ling/layers/mla.py expands over the whole cache window when it prefills a chunk (the
+largest term at long context). Score matrices are not counted: the Pallas flash kernels never form them.
 """
 from __future__ import annotations
 
@@ -23,7 +21,6 @@ from flax import nnx
 
 from ling.config import LingConfig
 from ling.model import LingModel
-from ling.stack import StackPlan
 from sharding import MESH_AXES, make_abstract_mesh, param_specs
 from sharding.rules import mesh_axes
 
@@ -170,14 +167,12 @@ def memory_plan(config: LingConfig, context: int, *, batch: int = 1, mesh: dict[
     chunk = min(prefill_chunk, context)
     mlp_loc = _div(max(c.intermediate_size, c.moe_intermediate_size * c.num_experts_per_tok), split("mlp", mesh))
     activations = {
-        f"logits of a {chunk}-token chunk (fp32)": chunk * _div(c.vocab_size, split("vocab", mesh)) * 4,
+        "logits of the last position (fp32)": seqs * _div(c.vocab_size, split("vocab", mesh)) * 4,
         f"layer activations of a {chunk}-token chunk": chunk * item * (
             6 * c.hidden_size + 6 * heads * c.head_dim + 3 * mlp_loc),
         f"MLA prefill K/V expanded over the {window:,}-token window": window * item * (
             c.kv_lora_rank + c.qk_rope_head_dim
             + heads * (2 * c.qk_nope_head_dim + c.qk_rope_head_dim + c.v_head_dim)),
-        "second copy of the scanned groups' page pools": seqs * StackPlan.from_config(c).n_groups * window
-        * latent_row,
     }
     if device_bytes is None:
         device_bytes, source = device_memory()
