@@ -12,7 +12,7 @@ from ling.layers.context import ForwardContext
 from ling.layers.norms import RMSNorm
 from ling.layers.params import param
 from ling.layers.rope import rope_table
-from ling.stack import LayerGroup, Remat, StackPlan, apply_stacked, stack_modules
+from ling.stack import LayerGroup, Remat, StackPlan, apply_stacked, call_block, stack_modules
 
 
 @dataclasses.dataclass
@@ -156,10 +156,7 @@ class LingModel(nnx.Module):
         return jnp.einsum("btd,dv->btv", h_btd.astype(self.dtype), w.astype(self.dtype)).astype(jnp.float32)
 
     def _block(self, block, x, ctx, layer_idx, entry, collect):
-        if self.remat is Remat.NONE:
-            return block(x, ctx, layer_idx, entry, collect)
-        f = nnx.remat(lambda blk, x, entry: blk(x, ctx, layer_idx, entry, collect), policy=self.remat.policy())
-        return f(block, x, entry)
+        return call_block(block, x, ctx, layer_idx, entry, collect, self.remat)
 
     def _groups(self, x, ctx, cache, collect):
         """The scanned groups. Lightning states travel as scanned data (small); the MLA page pools of all groups

@@ -84,6 +84,14 @@ def apply_stacked(stacked: nnx.Module, carry, xs, body, *, scan: bool, remat: Re
     return carry, jax.tree.map(lambda *a: jnp.stack(a), *ys)
 
 
+def call_block(block: DecoderBlock, x, ctx, layer_idx, entry, collect: bool, remat: Remat):
+    """block(x, ...) under the remat policy (the layer's input is what the backward pass keeps)."""
+    if remat is Remat.NONE:
+        return block(x, ctx, layer_idx, entry, collect)
+    f = nnx.remat(lambda blk, x, entry: blk(x, ctx, layer_idx, entry, collect), policy=remat.policy())
+    return f(block, x, entry)
+
+
 class LayerGroup(nnx.Module):
     """G-1 Lightning+MoE blocks (stacked) followed by one MLA+MoE block."""
 
@@ -110,7 +118,7 @@ class LayerGroup(nnx.Module):
             x, (new_lightning, aux_l) = apply_stacked(
                 self.lightning, x, (first_layer + jnp.arange(n), cache["lightning"]), body, scan=scan, remat=remat)
             auxes.append(aux_l)
-        x, new_mla, aux_m = self.mla(x, ctx, first_layer + self.n_lightning, cache["mla"], collect)
+        x, new_mla, aux_m = call_block(self.mla, x, ctx, first_layer + self.n_lightning, cache["mla"], collect, remat)
         auxes.append(jax.tree.map(lambda a: a[None], aux_m))
         aux = jax.tree.map(lambda *a: jnp.concatenate(a), *auxes)
         new_cache = None if cache["mla"] is None else {"lightning": new_lightning, "mla": new_mla}

@@ -29,10 +29,6 @@ from sharding.rules import logical_to_spec
 _HIGHEST = lax.Precision.HIGHEST
 
 
-def _spec(mesh, names, x):
-    return None if x is None else logical_to_spec(names, x.shape, mesh)
-
-
 def _split_axis(spec: P, dim: int) -> str | None:
     """The mesh axis dim `dim` of `spec` is split over; context parallelism passes state along a single axis."""
     entry = spec[dim] if dim < len(spec) else None
@@ -98,15 +94,16 @@ def lightning_attention(q, k, v, log_decay, *, initial_state=None, segment_ids=N
     if mesh is None:
         return lightning_kernel(q, k, v, log_decay, initial_state=initial_state, segment_ids=segment_ids, impl=impl,
                                 interpret=interpret)
-    qkv_spec = _spec(mesh, ("batch", "length", "heads", "head_dim"), q)
+    qkv_spec = logical_to_spec(("batch", "length", "heads", "head_dim"), q.shape, mesh)
     axis = _split_axis(qkv_spec, 1)
     batch, heads = qkv_spec[0], qkv_spec[2]
     state_spec = P(batch, heads, None, None)
     seg_spec = None if segment_ids is None else P(batch, axis)
     body = functools.partial(_lightning_local, axis=axis, impl=impl, interpret=interpret)
-    return jax.shard_map(body, in_specs=(qkv_spec, qkv_spec, qkv_spec, P(heads),
-                                         None if initial_state is None else state_spec, seg_spec),
-                         out_specs=(qkv_spec, state_spec), check_vma=False)(q, k, v, log_decay, initial_state, segment_ids)
+    island = jax.shard_map(body, in_specs=(qkv_spec, qkv_spec, qkv_spec, P(heads),
+                                           None if initial_state is None else state_spec, seg_spec),
+                           out_specs=(qkv_spec, state_spec), check_vma=False)
+    return island(q, k, v, log_decay, initial_state, segment_ids)
 
 
 def _mla_local(q_nope, q_rot, latent_btr, k_rot_btp, w_uk, w_uv, segment_ids, *, attend, axis):
@@ -137,11 +134,12 @@ def mla_attention(attend, q_nope, q_rot, latent_btr, k_rot_btp, w_uk, w_uv, *, s
     mesh = active_mesh()
     if mesh is None:
         return attend(q_nope, q_rot, latent_btr, k_rot_btp, w_uk, w_uv, segment_ids=segment_ids)
-    q_spec = _spec(mesh, ("batch", "length", "heads", "head_dim"), q_nope)
+    q_spec = logical_to_spec(("batch", "length", "heads", "head_dim"), q_nope.shape, mesh)
     batch, axis, heads = q_spec[0], _split_axis(q_spec, 1), q_spec[2]
     tok_spec, w_spec = P(batch, axis, None), P(None, heads, None)
     body = functools.partial(_mla_local, attend=attend, axis=axis)
-    return jax.shard_map(body, in_specs=(q_spec, q_spec, tok_spec, tok_spec, w_spec, w_spec,
-                                         None if segment_ids is None else P(batch, axis)),
-                         out_specs=q_spec, check_vma=False)(q_nope, q_rot, latent_btr, k_rot_btp, w_uk, w_uv, segment_ids)
+    island = jax.shard_map(body, in_specs=(q_spec, q_spec, tok_spec, tok_spec, w_spec, w_spec,
+                                           None if segment_ids is None else P(batch, axis)),
+                           out_specs=q_spec, check_vma=False)
+    return island(q_nope, q_rot, latent_btr, k_rot_btp, w_uk, w_uv, segment_ids)
 

