@@ -154,14 +154,16 @@ def test_expert_bias_moves_load_toward_balance():
 
 
 def test_yarn_stage_continues_from_a_pre_yarn_checkpoint(tmp_path):
+    """YaRN switched on over a pre-YaRN published checkpoint, 4x longer sequences split over 8 fake devices."""
     base = ling.LingModel(ling.LingConfig.from_hf(MODEL), rngs=nnx.Rngs(0))
     ling.save_pretrained(base, tmp_path / "pre")
     path = write_config(tmp_path, model_overrides={
         "rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32},
         "max_position_embeddings": 128},
-        data={"seq_len": 128}, train={"steps": 2, "init_from": str(tmp_path / "pre"), "save_every": 10})
+        data={"seq_len": 128}, train={"steps": 2, "init_from": str(tmp_path / "pre"), "save_every": 10},
+        mesh={"context": 8})
     cfg = load_train_config(path)
-    assert cfg.model.rope_scaling.factor == 4.0
+    assert cfg.model.rope_scaling.factor == 4.0 and cfg.mesh == {"context": 8}
     assert run(cfg, str(tmp_path / "w")) == 0
     assert len(read_metrics(tmp_path / "w")) == 2
 

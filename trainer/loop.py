@@ -69,15 +69,21 @@ def _device_batch(batch: dict, mesh):
 
 
 def run(cfg: TrainConfig, workdir: str, profile: tuple[int, int] | None = None) -> int:
-    """Train until cfg.train.steps; returns the process exit code."""
+    """Train until cfg.train.steps; returns the process exit code. With a `mesh:` section everything runs under
+    that mesh (the model's sharding constraints and shard_map islands read it)."""
+    if not cfg.mesh:
+        return _run(cfg, workdir, None, profile)
+    from sharding import make_mesh
+    mesh = make_mesh(cfg.mesh)
+    with jax.set_mesh(mesh):
+        return _run(cfg, workdir, mesh, profile)
+
+
+def _run(cfg: TrainConfig, workdir: str, mesh, profile) -> int:
     t = cfg.train
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
     data_cfg = _data_config(cfg, workdir)
-    mesh = None
-    if cfg.mesh:
-        from sharding import make_mesh
-        mesh = make_mesh(cfg.mesh)
     model = _build_model(cfg, mesh)
     tx = make_optimizer(dataclasses.replace(cfg.optimizer, grad_accum_steps=1))
     step_cfg = StepConfig(mtp_loss_scale=float(cfg.model.mtp_loss_scaling_factor), z_loss_weight=t.z_loss_weight,
