@@ -9,16 +9,6 @@ from conftest import FIXTURE_DIR
 TOL = 1e-4
 
 
-@pytest.fixture(scope="module")
-def golden():
-    return dict(np.load(FIXTURE_DIR / "golden.npz"))
-
-
-@pytest.fixture(scope="module")
-def model():
-    return ling.from_pretrained(FIXTURE_DIR, dtype=jnp.float32)
-
-
 def test_layer_types(model, golden):
     assert [model.config.is_mla_layer(i) for i in range(8)] == golden["layer_is_mla"].tolist()
 

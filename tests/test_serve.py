@@ -30,16 +30,6 @@ ENGINE = EngineConfig(max_slots=2, max_len=64, page_size=8, prefill_chunk=16, nu
 LONG_TOKENS = int(os.environ.get("LING_SERVE_LONG_TOKENS", 16384))
 
 
-@pytest.fixture(scope="module")
-def golden():
-    return dict(np.load(FIXTURE_DIR / "golden.npz"))
-
-
-@pytest.fixture(scope="module")
-def model():
-    return ling.from_pretrained(FIXTURE_DIR, dtype=jnp.float32)
-
-
 def _request(rid, ids, **kw):
     return Request(id=rid, prompt_ids=tuple(int(i) for i in ids), **{"max_new_tokens": 8, **kw})
 
