@@ -38,6 +38,8 @@ class TrainLoopConfig:
     init_from: str | None = None  # published checkpoint dir (e.g. the pre-YaRN model for continued pretraining)
     sample_prompt: str | None = None  # decoded after training when a tokenizer exists
     sample_tokens: int = 32
+    sample_temperature: float = 0.0  # 0 = greedy
+    sample_top_k: int = 0
     async_checkpointing: bool = True
 
 

@@ -167,6 +167,7 @@ def _sample(cfg: TrainConfig, graphdef, state, data_cfg: DataConfig, print_it: b
     tok = load_tokenizer(data_cfg.tokenizer)
     model = nnx.merge(graphdef, state["params"], state["rest"])
     ids = tok.encode(t.sample_prompt).ids
-    new = ling.generate(model, np.asarray([ids], np.int32), max_new_tokens=t.sample_tokens)
+    new = ling.generate(model, np.asarray([ids], np.int32), max_new_tokens=t.sample_tokens,
+                        temperature=t.sample_temperature, top_k=t.sample_top_k, seed=t.seed)
     if print_it:
         print(f"sample: {t.sample_prompt}{tok.decode(np.asarray(new[0]).tolist())}", flush=True)
