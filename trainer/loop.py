@@ -117,7 +117,7 @@ def _run(cfg: TrainConfig, workdir: str, mesh, profile) -> int:
     schedule = learning_rate_schedule(cfg.optimizer)
     tokens_per_step = data_cfg.global_batch_size * data_cfg.seq_len
     flops = flops_per_token(cfg.model, data_cfg.seq_len)
-    window_start, window_steps = time.perf_counter(), 0
+    window_start, window_steps, window_loss = time.perf_counter(), 0, 0.0
     try:
         while step < t.steps:
             if profile and step == profile[0]:
@@ -130,17 +130,19 @@ def _run(cfg: TrainConfig, workdir: str, mesh, profile) -> int:
                                     f"(last good checkpoint: step {max(checkpointer.all_steps(), default=None)})")
             step += 1
             window_steps += 1
+            window_loss += loss
             if profile and step == profile[1]:
                 jax.profiler.stop_trace()
             if is_main and (step % t.log_every == 0 or step == t.steps):
                 elapsed = time.perf_counter() - window_start
-                record = {k: float(v) for k, v in m.items()}
-                record.update(lr=float(schedule(step - 1)), tokens_per_s=window_steps * tokens_per_step / elapsed)
+                record = {k: float(v) for k, v in m.items()}  # this step's values, except:
+                record.update(loss=window_loss / window_steps,  # the mean over the steps since the last record
+                              lr=float(schedule(step - 1)), tokens_per_s=window_steps * tokens_per_step / elapsed)
                 if chip is not None:
                     record["mfu"] = record["tokens_per_s"] * flops / (chip.bf16_flops * jax.device_count())
                 metrics.log(step, record)
                 print(format_progress(step, record), flush=True)
-                window_start, window_steps = time.perf_counter(), 0
+                window_start, window_steps, window_loss = time.perf_counter(), 0, 0.0
             checkpointer.maybe_save(step, state, {"data": iterator.get_state()})
             if stop.is_set():
                 print(f"SIGTERM: saving step {step} and exiting", flush=True)
