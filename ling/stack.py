@@ -85,11 +85,16 @@ def apply_stacked(stacked: nnx.Module, carry, xs, body, *, scan: bool, remat: Re
 
 
 def call_block(block: DecoderBlock, x, ctx, layer_idx, entry, collect: bool, remat: Remat):
-    """block(x, ...) under the remat policy (the layer's input is what the backward pass keeps)."""
+    """block(x, ...) under the remat policy (the layer's input is what the backward pass keeps). Functional
+    (split, checkpoint a pure function, merge inside) so it composes with any outer trace."""
     if remat is Remat.NONE:
         return block(x, ctx, layer_idx, entry, collect)
-    f = nnx.remat(lambda blk, x, entry: blk(x, ctx, layer_idx, entry, collect), policy=remat.policy())
-    return f(block, x, entry)
+    graphdef, state = nnx.split(block)
+
+    def f(state, x, entry):
+        return nnx.merge(graphdef, state)(x, ctx, layer_idx, entry, collect)
+
+    return jax.checkpoint(f, policy=remat.policy())(state, x, entry)
 
 
 class LayerGroup(nnx.Module):
