@@ -4,11 +4,12 @@
     python -m ling.convert to-orbax --config configs/quickstart.yaml --checkpoint DIR --out RUN/checkpoints
 
 The training config supplies the model and optimizer shapes of the train state. to-safetensors takes the newest
-complete step; to-orbax writes step 0 with a fresh optimizer state, which train.py then resumes from.
+complete step and copies the run's tokenizer.json beside the weights; to-orbax writes step 0 with a fresh optimizer state, which train.py then resumes from.
 """
 import argparse
 import dataclasses
 import os
+import shutil
 import sys
 
 import jax
@@ -44,6 +45,11 @@ def to_safetensors(cfg, checkpoints: str, out: str) -> int:
         raise FileNotFoundError(f"no checkpoint in {checkpoints}")
     step, state, _ = restored
     save_pretrained(nnx.merge(graphdef, state["params"], state["rest"]), out)
+    tokenizer = cfg.data.get("tokenizer") or (  # the quickstart trains its tokenizer into RUN/data
+        os.path.join(os.path.dirname(os.path.abspath(checkpoints)), "data", "tokenizer.json")
+        if cfg.data.get("quickstart") else None)
+    if tokenizer and os.path.exists(tokenizer):
+        shutil.copyfile(tokenizer, os.path.join(out, "tokenizer.json"))  # so serve.py can take text prompts
     return step
 
 
