@@ -4,7 +4,6 @@ present (median step time after compile), then the 1T step's per-device memory f
 `python benchmarks/train_step.py [--configs tiny mid] [--steps 5] [--seq 512] [--batch 8]`
 """
 import argparse
-import dataclasses
 import statistics
 import time
 

@@ -20,11 +20,6 @@ class DecodeCache:
     layers: dict  # {"head": [entry], "groups": {"lightning": ..., "mla": ...} | None, "tail": [entry]}
     page_size: int = struct.field(pytree_node=False)
 
-    @property
-    def capacity(self) -> int:
-        """Tokens one sequence can hold."""
-        return self.page_table.shape[1] * self.page_size
-
 
 def _entry(config: LingConfig, mla: bool, batch: int, num_pages: int, page_size: int, dtype, lead=()):
     c = config

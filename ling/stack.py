@@ -46,9 +46,6 @@ class StackPlan:
         return cls(head=tuple(range(start)), group_start=start, n_groups=n_full - n_head_groups, group_size=g,
                    tail=tuple(range(n_full * g, n_layers)))
 
-    def layer_order(self) -> list[int]:
-        return [*self.head, *range(self.group_start, self.group_start + self.n_groups * self.group_size), *self.tail]
-
 
 def stack_modules(make: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs) -> nnx.Module:
     """`n` modules from `make`, their variables stacked on a new leading axis."""

@@ -24,7 +24,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from sharding.mesh import make_abstract_mesh
-from sharding.rules import DEFAULT_RULES, param_specs
+from sharding.rules import DEFAULT_RULES, logical_axes_of, param_specs
 
 GiB = 2**30
 USABLE = 0.9
@@ -100,7 +100,7 @@ def state_bytes(config, fsdp: int, expert: int, tensor: int) -> dict:
         spec = specs[path].get_value()
         shard[tuple(map(str, path))] = size = math.prod(NamedSharding(mesh, spec).shard_shape(var.shape))
         if path[0] in ("head", "groups", "tail", "mtp"):
-            names = var.get_metadata()["logical_axes"]
+            names = logical_axes_of(var)
             lead = var.ndim - len(names)
             gathered = size * math.prod(mesh.shape[a] for name, e in zip(names, spec[lead:]) if name == "embed"
                                         for a in _axes(e))
@@ -118,7 +118,7 @@ def activation_bytes(config, layout: dict, seq_len: int, seqs: int = 1) -> dict:
     """ANALYTIC per-device activation bytes of one training step (bf16 activations, every layer rematerialised):
     the saved layer inputs, the largest layer's forward + backward working set, and the fp32 logits and their
     gradient. `seqs` sequences per batch shard (batch split over fsdp x expert, length over context)."""
-    c, tp, ep, cp = config, layout["tensor"], layout["expert"], layout["context"]
+    c, tp, cp = config, layout["tensor"], layout["context"]
     n = seqs * seq_len // cp  # tokens per device
     b, f = 2, 4
     h = c.num_attention_heads / tp

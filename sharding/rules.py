@@ -109,8 +109,13 @@ def mesh_axes(name: str, mesh, rules: Rules | None = None) -> tuple[str, ...]:
     return tuple(a for a in ((axes,) if isinstance(axes, str) else (axes or ())) if mesh.shape[a] > 1)
 
 
+def logical_axes_of(var) -> tuple[str | None, ...] | None:
+    """The logical axis names an nnx Variable carries (ling/layers/params.py), or None."""
+    return var.get_metadata().get("logical_axes")
+
+
 def _variable_spec(var, mesh, rules) -> P:
-    names = var.get_metadata().get("logical_axes")
+    names = logical_axes_of(var)
     if names is None:
         return P()
     return logical_to_spec(names, var.shape, mesh, rules)

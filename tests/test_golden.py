@@ -1,7 +1,6 @@
 """Parity with the published reference's outputs on the tiny-a checkpoint (fp32)."""
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 import ling
 from conftest import FIXTURE_DIR

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import ling
 from conftest import FIXTURE_DIR
 from ling.config import LingConfig, load_yaml_config
 from ling.model import LingModel

@@ -66,6 +66,11 @@ class _Reader:
     def shape(self, name):
         return tuple(self._handle(self.files[name]).get_slice(name).get_shape())
 
+    def dtype(self, name):
+        """From the file header, without reading the tensor."""
+        code = self._handle(self.files[name]).get_slice(name).get_dtype()
+        return {"BF16": jnp.bfloat16, "F16": jnp.float16, "F32": jnp.float32, "F64": jnp.float64}.get(code, jnp.float32)
+
     def read(self, name) -> np.ndarray:
         path = self.files[name]
         try:
@@ -108,18 +113,18 @@ def from_pretrained(directory: str | os.PathLike, dtype=None, mesh=None, *, atte
     config = LingConfig.from_hf(directory, **({} if attention_impl is None else {"attention_impl": attention_impl}))
     reader = _Reader(_tensor_files(directory))
     if dtype is None:
-        probe = reader.read("model.word_embeddings.weight") if "model.word_embeddings.weight" in reader.files else None
-        dtype = jnp.dtype(probe.dtype) if probe is not None else jnp.float32
+        name = "model.word_embeddings.weight"
+        dtype = jnp.dtype(reader.dtype(name) if name in reader.files else jnp.float32)
     abstract = nnx.eval_shape(lambda: LingModel(config, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0),
                                                 **model_kwargs))
     graphdef, state = nnx.split(abstract)
-    flat = dict(nnx.to_flat_state(state))
-    leaves = {path: var for path, var in flat.items()}
+    leaves = dict(nnx.to_flat_state(state))
     sources = {path: leaf_source(config, path, var.shape) for path, var in leaves.items()}
     _check(reader, sources, leaves, directory)
     if shardings is None and mesh is not None:
-        from sharding.rules import param_shardings  # deferred: sharding depends on ling, not the reverse
+        from sharding.rules import param_shardings  # deferred: the sharding package imports ling
         shardings = param_shardings(state, mesh)
+    shardings_flat = dict(nnx.to_flat_state(shardings)) if shardings is not None else None
     device = jax.devices()[0]
 
     def build(path, var):
@@ -139,9 +144,8 @@ def from_pretrained(directory: str | os.PathLike, dtype=None, mesh=None, *, atte
                     else jax.sharding.SingleDeviceSharding(device))
         return jax.make_array_from_callback(shape, sharding, fill)
 
-    shardings_flat = dict(nnx.to_flat_state(shardings)) if shardings is not None else None
     for path, var in leaves.items():
-        var.set_value(build(path, var)) if hasattr(var, "set_value") else setattr(var, "value", build(path, var))
+        var.set_value(build(path, var))
     return nnx.merge(graphdef, nnx.from_flat_state(leaves))
 
 
@@ -172,7 +176,7 @@ def _write(model: LingModel, directory: str, shard_size: int) -> None:
     config.save(directory)
     shards, current, size = [], {}, 0
     for path, var in nnx.to_flat_state(nnx.state(model)):
-        value = np.asarray(jax.device_get(var.get_value() if hasattr(var, "get_value") else var.value))
+        value = np.asarray(jax.device_get(var.get_value()))
         src = leaf_source(config, path, value.shape)
         grid = src.names.ndim
         for pos in np.ndindex(np.shape(src.names)):

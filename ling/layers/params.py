@@ -19,8 +19,3 @@ def param(rngs: nnx.Rngs, shape: tuple[int, ...], logical_axes: tuple[str | None
     else:
         x = (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
     return nnx.Param(x, logical_axes=logical_axes)
-
-
-def logical_axes_of(variable: nnx.Variable) -> tuple[str | None, ...] | None:
-    """The logical axis names recorded on `variable` (None when it has none)."""
-    return variable.get_metadata().get("logical_axes")

@@ -7,7 +7,6 @@ caller applies W_UV to the returned latent output.
 The context is walked in blocks of pages with an online softmax, so memory stays O(B·block) even
 for a million-token context, and the loop stops at the longest sequence, not at max_pages.
 """
-import jax
 import jax.numpy as jnp
 from jax import lax
 
