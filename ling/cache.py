@@ -17,7 +17,7 @@ from ling.stack import StackPlan
 class DecodeCache:
     lengths: jax.Array  # [B] int32
     page_table: jax.Array  # [B, max_pages] int32
-    layers: dict  # {"head": [entry], "groups": {"lightning": ..., "mla": ...} | None, "tail": [entry]}
+    layers: dict  # {"head": [run entry], "groups": {"lightning": ..., "mla": ...} | None, "tail": [run entry]}
     page_size: int = struct.field(pytree_node=False)
 
 
@@ -45,7 +45,8 @@ def init_cache(config: LingConfig, batch: int, max_len: int, *, dtype=jnp.float3
     elif num_pages is None:
         raise ValueError("init_cache: num_pages is required with an explicit page_table")
     plan = StackPlan.from_config(config)
-    mk = lambda i, lead=(): _entry(config, config.is_mla_layer(i), batch, num_pages, page_size, dtype, lead)
+    run = lambda layers: _entry(config, config.is_mla_layer(layers[0]), batch, num_pages, page_size, dtype,
+                                (len(layers),))
     groups = None
     if plan.n_groups:
         g = plan.group_size
@@ -53,7 +54,7 @@ def init_cache(config: LingConfig, batch: int, max_len: int, *, dtype=jnp.float3
                                 if g > 1 else None),
                   "mla": _entry(config, True, batch, num_pages, page_size, dtype, (plan.n_groups,))}
     return DecodeCache(lengths=jnp.zeros((batch,), jnp.int32), page_table=jnp.asarray(page_table, jnp.int32),
-                       layers={"head": [mk(i) for i in plan.head], "groups": groups, "tail": [mk(i) for i in plan.tail]},
+                       layers={"head": [run(r) for r in plan.head], "groups": groups, "tail": [run(r) for r in plan.tail]},
                        page_size=page_size)
 
 

@@ -12,7 +12,8 @@ from ling.layers.context import ForwardContext
 from ling.layers.norms import RMSNorm
 from ling.layers.params import param
 from ling.layers.rope import rope_table
-from ling.stack import LayerGroup, Remat, StackPlan, apply_stacked, call_block, stack_modules
+from ling.stack import LayerGroup, Remat, StackPlan, apply_run, apply_stacked, stack_modules
+from sharding import context_parallel
 
 
 @dataclasses.dataclass
@@ -46,11 +47,15 @@ class LingModel(nnx.Module):
         kw = dict(dtype=dtype, param_dtype=param_dtype)
         self.word_embeddings = param(rngs, (c.vocab_size, c.hidden_size), ("vocab", "embed"), dtype=param_dtype,
                                      std=c.initializer_range)
-        block = lambda i, r: DecoderBlock(c, mla=c.is_mla_layer(i), moe=c.is_moe_layer(i), rngs=r, **kw)
-        self.head = nnx.List([block(i, rngs) for i in self.plan.head])
+        def run(layers):  # a run's blocks, stacked
+            i = layers[0]
+            return stack_modules(lambda r: DecoderBlock(c, mla=c.is_mla_layer(i), moe=c.is_moe_layer(i), rngs=r, **kw),
+                                 len(layers), rngs)
+
+        self.head = nnx.List([run(layers) for layers in self.plan.head])
         self.groups = (stack_modules(lambda r: LayerGroup(c, rngs=r, **kw), self.plan.n_groups, rngs)
                        if self.plan.n_groups else None)
-        self.tail = nnx.List([block(i, rngs) for i in self.plan.tail])
+        self.tail = nnx.List([run(layers) for layers in self.plan.tail])
         self.norm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps, logical_axis="embed", param_dtype=param_dtype,
                             rngs=rngs)
         self.lm_head = (None if c.tie_word_embeddings else
@@ -81,41 +86,53 @@ class LingModel(nnx.Module):
             positions = cache.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
         elif positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        # A sequence split over context shards runs in zig-zag order (balanced causal attention); hidden states go
+        # back to sequence order before each LM head.
+        zigzag = cache is None and context_parallel.zigzag_shards((b, t)) > 0
+        to_layout = context_parallel.to_zigzag if zigzag else (lambda a: a)
+        from_layout = context_parallel.from_zigzag if zigzag else (lambda a: a)
+        if zigzag:
+            positions = to_layout(positions)
+            segment_ids = None if segment_ids is None else to_layout(segment_ids)
         cos, sin = rope_table(c, positions)
         ctx = ForwardContext(cos=cos, sin=sin, segment_ids=segment_ids,
                              lengths=None if cache is None else cache.lengths,
-                             page_table=None if cache is None else cache.page_table)
+                             page_table=None if cache is None else cache.page_table, zigzag=zigzag)
         layers = cache.layers if cache is not None else {"head": [None] * len(self.head), "groups": None,
                                                          "tail": [None] * len(self.tail)}
-        emb = jnp.take(self.word_embeddings[...], input_ids, axis=0).astype(self.dtype)
+        emb = jnp.take(self.word_embeddings[...], to_layout(input_ids), axis=0).astype(self.dtype)
         x, auxes = emb, []
         new_layers = {"head": [], "groups": None, "tail": []}
-        for i, block, entry in zip(self.plan.head, self.head, layers["head"]):
-            x, entry, aux = self._block(block, x, ctx, i, entry, collect)
+        run = lambda blocks, x, layer_ids, entry: apply_run(blocks, x, ctx, layer_ids, entry, collect=collect,
+                                                            scan=self.scan_layers, remat=self.remat)
+        for layer_ids, blocks, entry in zip(self.plan.head, self.head, layers["head"]):
+            x, entry, aux = run(blocks, x, layer_ids, entry)
             new_layers["head"].append(entry)
-            auxes.append(jax.tree.map(lambda a: a[None], aux))
+            auxes.append(aux)
         if self.groups is not None:
             x, new_layers["groups"], aux = self._groups(x, ctx, layers["groups"], collect)
             auxes.append(aux)
-        for i, block, entry in zip(self.plan.tail, self.tail, layers["tail"]):
-            x, entry, aux = self._block(block, x, ctx, i, entry, collect)
+        for layer_ids, blocks, entry in zip(self.plan.tail, self.tail, layers["tail"]):
+            x, entry, aux = run(blocks, x, layer_ids, entry)
             new_layers["tail"].append(entry)
-            auxes.append(jax.tree.map(lambda a: a[None], aux))
+            auxes.append(aux)
         h = self.norm(x)
-        logits = self._lm_head(h[:, -1:] if last_logits_only else h)
+        h_seq = from_layout(h)
+        logits = self._lm_head(h_seq[:, -1:] if last_logits_only else h_seq)
         loads = [a["load"] for a in auxes if "load" in a]
         mtp_logits = None
         if return_mtp and len(self.mtp):
             mtp_logits, ids = [], input_ids
             for j, layer in enumerate(self.mtp):
                 ids = jnp.roll(ids, -1, axis=1).at[:, -1].set(0)
-                emb_j = jnp.take(self.word_embeddings[...], ids, axis=0).astype(self.dtype)
+                emb_j = jnp.take(self.word_embeddings[...], to_layout(ids), axis=0).astype(self.dtype)
                 h, aux = layer(emb_j, h, ctx, c.num_hidden_layers + j)
-                mtp_logits.append(self._lm_head(h))
+                mtp_logits.append(self._lm_head(from_layout(h)))
                 loads.append(aux["load"][None])
         intermediates = None
         if collect:
-            cat = lambda key: jnp.concatenate([a[key] for a in auxes if key in a])
+            # [layers, B, T, ...] per key, back in sequence order
+            cat = lambda key: jax.vmap(from_layout)(jnp.concatenate([a[key] for a in auxes if key in a]))
             intermediates = {"hidden": cat("hidden"), "topk_idx": cat("topk_idx"), "router_logits": cat("router_logits")}
         new_cache = None if cache is None else cache.replace(lengths=cache.lengths + t, layers=new_layers)
         return ModelOutput(logits=logits, cache=new_cache, mtp_logits=mtp_logits,
@@ -130,10 +147,10 @@ class LingModel(nnx.Module):
         def bump(mlp, d):
             mlp.expert_bias[...] = mlp.expert_bias[...] + d
 
-        for blk in self.head:
-            if blk.moe:
-                bump(blk.mlp, delta[i])
-                i += 1
+        for layer_ids, blocks in zip(self.plan.head, self.head):
+            if blocks.moe:
+                bump(blocks.mlp, delta[i:i + len(layer_ids)])
+                i += len(layer_ids)
         if self.groups is not None:
             n, g = self.plan.n_groups, self.plan.group_size
             d = delta[i:i + n * g].reshape(n, g, -1)
@@ -141,10 +158,10 @@ class LingModel(nnx.Module):
                 bump(self.groups.lightning.mlp, d[:, :g - 1])
             bump(self.groups.mla.mlp, d[:, g - 1])
             i += n * g
-        for blk in self.tail:
-            if blk.moe:
-                bump(blk.mlp, delta[i])
-                i += 1
+        for layer_ids, blocks in zip(self.plan.tail, self.tail):
+            if blocks.moe:
+                bump(blocks.mlp, delta[i:i + len(layer_ids)])
+                i += len(layer_ids)
         for layer in self.mtp:
             if i < delta.shape[0]:
                 bump(layer.block.mlp, delta[i])
@@ -154,9 +171,6 @@ class LingModel(nnx.Module):
     def _lm_head(self, h_btd):
         w = self.word_embeddings[...].T if self.lm_head is None else self.lm_head[...]
         return jnp.einsum("btd,dv->btv", h_btd.astype(self.dtype), w.astype(self.dtype)).astype(jnp.float32)
-
-    def _block(self, block, x, ctx, layer_idx, entry, collect):
-        return call_block(block, x, ctx, layer_idx, entry, collect, self.remat)
 
     def _groups(self, x, ctx, cache, collect):
         """The scanned groups. Lightning states travel as scanned data (small); the MLA page pools of all groups

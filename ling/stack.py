@@ -1,9 +1,11 @@
-"""The layer stack's shape: a head of individual layers, uniform groups scanned over, a tail.
+"""The layer stack's shape: a head, uniform groups scanned over, a tail.
 
-Ling 2.5 repeats a group of `layer_group_size` layers (G-1 Lightning + 1 MLA, all MoE). Groups that contain a
-dense-MLP layer form the head, a trailing incomplete group (all MLA) the tail, and everything between is
-`n_groups` identical groups whose parameters are stacked on leading axes ([n_groups, G-1, ...] for the Lightning
-blocks, [n_groups, ...] for the MLA block) and applied with `jax.lax.scan`, so compile time does not grow with depth.
+Ling 2.5 repeats a group of `layer_group_size` layers (G-1 Lightning + 1 MLA, all MoE). The `n_groups` identical
+groups have their parameters stacked on leading axes ([n_groups, G-1, ...] for the Lightning blocks, [n_groups, ...]
+for the MLA block) and are applied with `jax.lax.scan`, so compile time does not grow with depth. Groups that
+contain a dense-MLP layer form the head, a trailing incomplete group (all MLA) the tail; both are split into runs of
+consecutive layers of one kind (attention x MLP), each run stacked and scanned, so the head of a model with dense
+layers costs one compiled layer per kind (at most 3) rather than one per layer.
 """
 import dataclasses
 import enum
@@ -31,11 +33,11 @@ class Remat(str, enum.Enum):
 
 @dataclasses.dataclass(frozen=True)
 class StackPlan:
-    head: tuple[int, ...]  # layer indices applied one by one before the groups
+    head: tuple[tuple[int, ...], ...]  # runs of same-kind layers before the groups
     group_start: int  # index of the first layer of the first scanned group
     n_groups: int
     group_size: int
-    tail: tuple[int, ...]  # layer indices after the groups
+    tail: tuple[tuple[int, ...], ...]  # runs after the groups
 
     @classmethod
     def from_config(cls, c: LingConfig) -> "StackPlan":
@@ -43,8 +45,20 @@ class StackPlan:
         n_full = n_layers // g
         n_head_groups = min(n_full, -(-c.first_k_dense_replace // g))
         start = n_head_groups * g
-        return cls(head=tuple(range(start)), group_start=start, n_groups=n_full - n_head_groups, group_size=g,
-                   tail=tuple(range(n_full * g, n_layers)))
+        return cls(head=_runs(c, range(start)), group_start=start, n_groups=n_full - n_head_groups, group_size=g,
+                   tail=_runs(c, range(n_full * g, n_layers)))
+
+
+def _runs(c: LingConfig, layers) -> tuple[tuple[int, ...], ...]:
+    """Consecutive layers split where the kind (MLA or Lightning, MoE or dense) changes."""
+    runs: list[list[int]] = []
+    kind = lambda i: (c.is_mla_layer(i), c.is_moe_layer(i))
+    for i in layers:
+        if runs and kind(runs[-1][-1]) == kind(i):
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return tuple(map(tuple, runs))
 
 
 def stack_modules(make: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs) -> nnx.Module:
@@ -81,6 +95,37 @@ def apply_stacked(stacked: nnx.Module, carry, xs, body, *, scan: bool, remat: Re
     return carry, jax.tree.map(lambda *a: jnp.stack(a), *ys)
 
 
+def apply_run(blocks: nnx.Module, x, ctx, layer_ids, cache: dict | None, *, collect: bool, scan: bool,
+              remat: Remat):
+    """Apply a stacked run of same-kind DecoderBlocks (leading axis n) in order: x [B, T, D] ->
+    (x, updated cache entry with the same leading [n] axis or None, aux with a leading [n] axis).
+
+    layer_ids: [n] layer indices. Lightning states travel as scanned data; MLA page pools ([n, pages, ...]) are
+    flattened into one pool in the scan carry, each layer addressing its pages through a page offset, so a step
+    updates the pool in place instead of copying it through the scan's outputs.
+    """
+    layer_ids = jnp.asarray(layer_ids)
+    if cache is None or "state" in cache:
+        def body(block, x, inp):
+            idx, entry = inp
+            x, entry, aux = block(x, ctx, idx, entry, collect)
+            return x, (entry, aux)
+
+        x, (entry, aux) = apply_stacked(blocks, x, (layer_ids, cache), body, scan=scan, remat=remat)
+        return x, entry, aux
+    n, pages = cache["latent"].shape[:2]
+    pool = {k: v.reshape(n * pages, *v.shape[2:]) for k, v in cache.items()}
+
+    def body(block, carry, inp):
+        x, pool = carry
+        j, idx = inp
+        x, pool, aux = block(x, ctx, idx, {**pool, "page_offset": j * pages}, collect)
+        return (x, pool), aux
+
+    (x, pool), aux = apply_stacked(blocks, (x, pool), (jnp.arange(n), layer_ids), body, scan=scan, remat=remat)
+    return x, {k: v.reshape(n, pages, *v.shape[1:]) for k, v in pool.items()}, aux
+
+
 def call_block(block: DecoderBlock, x, ctx, layer_idx, entry, collect: bool, remat: Remat):
     """block(x, ...) under the remat policy (the layer's input is what the backward pass keeps). Functional
     (split, checkpoint a pure function, merge inside) so it composes with any outer trace."""
@@ -110,15 +155,8 @@ class LayerGroup(nnx.Module):
         cache = cache or {"lightning": None, "mla": None}
         auxes, new_lightning = [], None
         if self.lightning is not None:
-            n = self.n_lightning
-
-            def body(block, x, inp):
-                idx, entry = inp
-                x, entry, aux = block(x, ctx, idx, entry, collect)
-                return x, (entry, aux)
-
-            x, (new_lightning, aux_l) = apply_stacked(
-                self.lightning, x, (first_layer + jnp.arange(n), cache["lightning"]), body, scan=scan, remat=remat)
+            x, new_lightning, aux_l = apply_run(self.lightning, x, ctx, first_layer + jnp.arange(self.n_lightning),
+                                                cache["lightning"], collect=collect, scan=scan, remat=remat)
             auxes.append(aux_l)
         x, new_mla, aux_m = call_block(self.mla, x, ctx, first_layer + self.n_lightning, cache["mla"], collect, remat)
         auxes.append(jax.tree.map(lambda a: a[None], aux_m))

@@ -33,7 +33,8 @@ def test_linear_state_after_prefill(model, golden):
     ids = jnp.asarray(golden["input_ids"])
     cache = ling.init_cache(model.config, ids.shape[0], ids.shape[1] + 1)
     cache = model.forward(ids, cache=cache).cache
-    states = {i: e["state"] for i, e in zip(model.plan.head, cache.layers["head"]) if "state" in e}
+    states = {i: e["state"][j] for run, e in zip(model.plan.head, cache.layers["head"]) if "state" in e
+              for j, i in enumerate(run)}
     lightning = cache.layers["groups"]["lightning"]["state"]  # [groups, G-1, B, H, K, V]
     for g in range(model.plan.n_groups):
         for j in range(model.plan.group_size - 1):

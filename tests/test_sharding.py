@@ -166,9 +166,10 @@ def test_rules_place_parameters_as_named():
     assert spec("groups", "mla", "mlp", "gate_proj") == P(None, "expert", "fsdp", "tensor")  # [groups] + (exp,...)
     assert spec("groups", "mla", "mlp", "down_proj") == P(None, "expert", "tensor", "fsdp")
     assert spec("groups", "lightning", "attention", "dense") == P(None, None, "tensor", None, fsdp)
-    assert spec("head", 0, "attention", "query_key_value") == P(fsdp, None, "tensor", None)
-    assert spec("head", 3, "attention", "kv_b_proj") == P(fsdp, "tensor", None)
-    assert spec("head", 1, "mlp", "expert_bias") == P(None)
+    # Head runs (tiny-a: [dense Lightning 0], [MoE Lightning 1, 2], [MLA 3]) carry a leading [run] axis.
+    assert spec("head", 0, "attention", "query_key_value") == P(None, fsdp, None, "tensor", None)
+    assert spec("head", 2, "attention", "kv_b_proj") == P(None, fsdp, "tensor", None)
+    assert spec("head", 1, "mlp", "expert_bias") == P(None, None)
     shard = st[("groups", "mla", "mlp", "gate_proj")].get_value().addressable_shards[0].data
     assert shard.shape == (1, 8 // 2, 64 // 2, 16 // 2)
     # Overrides replace entries; a dim that its axes do not divide stays whole; a mesh axis is used once.
@@ -222,6 +223,43 @@ def test_ragged_expert_dispatch_equals_one_device(mesh_name, monkeypatch):
     assert_matches(got, want)
 
 
+def test_zigzag_token_order():
+    from sharding import context_parallel as cp
+    mesh = sharding.make_mesh({"data": 2, "context": 4})
+    with jax.set_mesh(mesh):
+        assert (cp.zigzag_shards((2, 32)), cp.zigzag_shards((2, 20)), cp.zigzag_shards((2, 4))) == (4, 0, 0)
+        x = jax.device_put(jnp.broadcast_to(jnp.arange(32), (2, 32)), sharding.batch_sharding(mesh))
+        z = jax.jit(cp.to_zigzag)(x)
+        back = jax.jit(cp.from_zigzag)(z)
+    chunks = [0, 7, 1, 6, 2, 5, 3, 4]  # shard j holds chunks j and 2n-1-j of 4 tokens
+    np.testing.assert_array_equal(np.asarray(z)[1], np.concatenate([np.arange(4) + 4 * c for c in chunks]))
+    np.testing.assert_array_equal(np.asarray(back), np.asarray(x))
+
+
+def test_context_parallel_contiguous_order():
+    """T = 24 over 8 context shards: 2n does not divide T, so each shard holds one contiguous chunk (the MLA
+    queries attend at a per-shard causal offset, the Lightning chain runs up the shards only)."""
+    model = load_model("tiny-a")
+    batch = packed_batch(model.config.vocab_size, b=2, t=24)
+    want, _ = run(model, batch)
+    mesh = sharding.make_mesh({"context": 8})
+    with jax.set_mesh(mesh):
+        model = load_model("tiny-a", mesh)
+        got, _ = run(model, [jax.device_put(a, sharding.batch_sharding(mesh)) for a in batch])
+    assert_matches(got, want)
+
+
+def test_context_parallel_with_pallas_kernels():
+    """The TPU kernels (interpreted) inside the islands, zig-zag order over data2 x context4: the MLA kernel gets
+    each query piece's traced causal offset; logits, loss, load and gradients equal the single-device run."""
+    batch, want = reference("tiny-a")
+    mesh = sharding.make_mesh(MESHES["data2-context4"])
+    with jax.set_mesh(mesh):
+        model = ling.from_pretrained(FIXTURE_DIR, dtype=jnp.float32, mesh=mesh, attention_impl="pallas")
+        got, _ = run(model, [jax.device_put(a, sharding.batch_sharding(mesh)) for a in batch])
+    assert_matches(got, want)
+
+
 def test_context_parallel_8k_packed_documents():
     c = tiny_config(num_hidden_layers=4, first_k_dense_replace=0, hidden_size=16, num_attention_heads=2, head_dim=8,
                     num_experts=4, n_group=2, topk_group=1, max_position_embeddings=8192)
@@ -255,6 +293,18 @@ def test_generate_under_mesh_matches_golden():
         new, logits = ling.generate(model, golden["input_ids"], max_new_tokens=8, return_logits=True)
     np.testing.assert_array_equal(new, golden["generated"])
     np.testing.assert_allclose(logits, golden["decode_logits"], atol=1e-4, rtol=0)
+
+
+def test_generate_with_pallas_kernels_in_islands():
+    """Interpreted TPU kernels under data2 x tensor2 x context2: cached prefill split over context (each shard's
+    queries at their offset in the cache window), decode with rows over data and heads over tensor."""
+    golden = dict(np.load(FIXTURE_DIR / "golden.npz"))
+    mesh = sharding.make_mesh({"data": 2, "tensor": 2, "context": 2})
+    with jax.set_mesh(mesh):
+        model = ling.from_pretrained(FIXTURE_DIR, dtype=jnp.float32, mesh=mesh, attention_impl="pallas")
+        new, logits = ling.generate(model, golden["input_ids"], max_new_tokens=4, return_logits=True)
+    np.testing.assert_array_equal(new, golden["generated"][:, :4])
+    np.testing.assert_allclose(logits, golden["decode_logits"][:, :4], atol=1e-4, rtol=0)
 
 
 def test_planner(capsys):

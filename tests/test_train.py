@@ -16,6 +16,7 @@ import yaml
 from flax import nnx
 
 import ling
+from ling.layers.moe import MoE
 from trainer.config import load_train_config
 from trainer.loop import run
 from trainer.metrics import read_metrics
@@ -142,15 +143,20 @@ def test_gradient_accumulation_equals_large_batch():
 
 def test_expert_bias_moves_load_toward_balance():
     model, _, batch = _state_and_batch(seed=1)
+    # Start badly skewed: +0.5 on expert 0 (sigmoid scores lie in (0, 1)) makes every token select it.
+    for _, module in nnx.iter_modules(model):
+        if isinstance(module, MoE):
+            module.expert_bias[...] = module.expert_bias[...].at[..., 0].add(0.5)
     tx = optax.sgd(0.0)  # weights frozen: only the expert bias moves
     graphdef = split_model(model)[0]
     cfg = StepConfig(mtp_loss_scale=0.0, z_loss_weight=0.0, expert_bias_rate=0.02, grad_accum_steps=1)
     state = init_train_state(model, tx, 0)
     imbalance = []
-    for _ in range(25):
+    for _ in range(30):
         state, metrics = train_step(graphdef, tx, cfg, state, batch)
         imbalance.append(float(metrics["expert_load_imbalance"]))
-    assert imbalance[-1] < 0.8 * imbalance[0], imbalance
+    # Bias steps of 0.02 undo the skew in ~25 steps; with frozen weights the load would otherwise never move.
+    assert imbalance[-1] < 0.5 * imbalance[0], imbalance
 
 
 def test_yarn_stage_continues_from_a_pre_yarn_checkpoint(tmp_path):

@@ -12,6 +12,7 @@ class ForwardContext:
     segment_ids: [B, T] int32 document ids for packed training rows (None: one document per row).
     lengths: [B] int32 tokens already in the cache before this call (None: no cache, full forward).
     page_table: [B, max_pages] int32 MLA cache pages of each sequence (with `lengths`).
+    zigzag: the tokens are in the context-parallel zig-zag order (sharding.context_parallel.to_zigzag).
     """
 
     cos: jax.Array
@@ -19,6 +20,7 @@ class ForwardContext:
     segment_ids: jax.Array | None = None
     lengths: jax.Array | None = None
     page_table: jax.Array | None = None
+    zigzag: bool = False
 
     @property
     def cached(self) -> bool:

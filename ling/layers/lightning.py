@@ -66,8 +66,8 @@ class LightningAttention(nnx.Module):
             # The kernel call itself without a mesh; under one, a shard_map island (context-parallel if the
             # sequence is split).
             o, new_state = context_parallel.lightning_attention(q, k, v, log_decay, initial_state=state_bhkv,
-                                                                segment_ids=ctx.segment_ids, impl=impl,
-                                                                interpret=interpret)
+                                                                segment_ids=ctx.segment_ids, zigzag=ctx.zigzag,
+                                                                impl=impl, interpret=interpret)
         b, t = x.shape[:2]
         o = self.g_norm(o.astype(dt).reshape(b, t, -1)).reshape(o.shape)
         gate = jnp.einsum("btd,dhk->bthk", x, self.g_proj[...].astype(dt))

@@ -16,7 +16,7 @@ from ling.layers.dispatch import kernel_impl
 from ling.layers.norms import RMSNorm
 from ling.layers.params import param
 from ling.layers.rope import apply_rope_interleaved, mla_softmax_scale
-from pallas_kernels import mla_attention, mla_decode
+from pallas_kernels import mla_attention
 from sharding import context_parallel
 
 # The reference builds q_a_layernorm and kv_a_layernorm with the class default eps, not config.rms_norm_eps.
@@ -42,13 +42,16 @@ def gather_window(pages_psr: jax.Array, page_table: jax.Array, end_b: jax.Array,
     return pages_psr[page_bw, pos_bw % page_size], valid
 
 
-def attend_latent(q_nope, q_rot, latent_btr, k_rot_btp, w_uk, w_uv, *, segment_ids, scale, impl, interpret):
-    """Causal attention with per-head K/V expanded from the latent [B, Tk, C] and shared rope key [B, Tk, R]."""
+def attend_latent(q_nope, q_rot, latent_btr, k_rot_btp, w_uk, w_uv, *, segment_ids, scale, impl, interpret,
+                  q_offset=None):
+    """Causal attention with per-head K/V expanded from the latent [B, Tk, C] and shared rope key [B, Tk, R];
+    query 0 sits at key position q_offset (None: the queries are the last Tq keys)."""
     k_nope = jnp.einsum("btr,rhn->bthn", latent_btr, w_uk)
     v = jnp.einsum("btr,rhv->bthv", latent_btr, w_uv)
     k_rot = jnp.broadcast_to(k_rot_btp[:, :, None], (*k_nope.shape[:3], k_rot_btp.shape[-1]))
     return mla_attention(jnp.concatenate([q_nope, q_rot], -1), jnp.concatenate([k_nope, k_rot], -1), v,
-                         scale=scale, segment_ids=segment_ids, causal=True, impl=impl, interpret=interpret)
+                         scale=scale, segment_ids=segment_ids, causal=True, q_offset=q_offset, impl=impl,
+                         interpret=interpret)
 
 
 class MLAttention(nnx.Module):
@@ -119,8 +122,8 @@ class MLAttention(nnx.Module):
             new_cache = {"latent": latent_pages, "rope": rope_pages}
         if ctx.cached and x.shape[1] == 1:
             q_latent = jnp.einsum("bhn,rhn->bhr", q_nope[:, 0], w_uk)
-            o_latent = mla_decode(q_latent, q_rot[:, 0], latent_pages, rope_pages, page_table,
-                                  ctx.lengths + 1, scale=scale, impl=impl, interpret=interpret)
+            o_latent = context_parallel.mla_decode(q_latent, q_rot[:, 0], latent_pages, rope_pages, page_table,
+                                                   ctx.lengths + 1, scale=scale, impl=impl, interpret=interpret)
             o = jnp.einsum("bhr,rhv->bhv", o_latent.astype(dt), w_uv)[:, None]
         else:
             attend = functools.partial(attend_latent, scale=scale, impl=impl, interpret=interpret)
@@ -133,10 +136,11 @@ class MLAttention(nnx.Module):
                 k_rot_btp, _ = gather_window(rope_pages, page_table, end, width)
                 latent_btr, k_rot_btp = latent_btr.astype(dt), k_rot_btp.astype(dt)
                 segment_ids = (jnp.zeros(x.shape[:2], jnp.int32), jnp.where(valid, 0, 1).astype(jnp.int32))
-                o = attend(q_nope, q_rot, latent_btr, k_rot_btp, w_uk, w_uv, segment_ids=segment_ids)
+                o = context_parallel.mla_attention_cached(attend, q_nope, q_rot, latent_btr, k_rot_btp, w_uk, w_uv,
+                                                          segment_ids=segment_ids)
             else:  # under a mesh, a shard_map island (gathering the latent if the sequence is split)
                 o = context_parallel.mla_attention(attend, q_nope, q_rot, latent_btr, k_rot_btp, w_uk, w_uv,
-                                                   segment_ids=ctx.segment_ids)
+                                                   segment_ids=ctx.segment_ids, zigzag=ctx.zigzag)
         y = jnp.einsum("bthv,hvd->btd", o.astype(dt), self._w(self.dense))
         if self.dense_bias is not None:
             y = y + self._w(self.dense_bias)

@@ -1,11 +1,13 @@
 """MLA flash attention on GPU (Triton-style Pallas): forward, and the flash-attention-2 backward.
 
 Kernels read the [B, T, H, D] arrays in place, one program per (q or kv block, batch·head), looping
-over the other sequence axis with `fori_loop` bounded by the causal mask. Triton needs power-of-two
-tiles, so head dims are read as the next power of two through masked loads (zeros past Dqk do not
-change q·k) and time is padded outside the kernels, padded keys masked by their static length.
-Logits are kept in base 2 (exp2), the residual logsumexp in natural log. fp32 inputs multiply on
-TF32 tensor cores (Triton's default), about 3e-4 relative error on an H200; bf16 is the fast path.
+over the other sequence axis with `fori_loop` bounded by the causal mask. The causal offset (key
+position of query 0) is an int32 [1] operand read in the kernel, so it may be a traced value, e.g. a
+context-parallel shard's position, and the loop bounds still skip the blocks it hides. Triton needs
+power-of-two tiles, so head dims are read as the next power of two through masked loads (zeros past
+Dqk do not change q·k) and time is padded outside the kernels, padded keys masked by their static
+length. Logits are kept in base 2 (exp2), the residual logsumexp in natural log. fp32 inputs multiply
+on TF32 tensor cores (Triton's default), about 3e-4 relative error on an H200; bf16 is the fast path.
 """
 import dataclasses
 import functools
@@ -16,6 +18,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.mla.attention_reference import resolve_q_offset
 
 _LOG2E = math.log2(math.e)
 # (block_q, block_k) per kernel, tuned on an H200 at Dqk=192, Dv=128 (benchmarks/mla_prefill.py). The
@@ -32,10 +36,6 @@ class _Tiling:
   tk: int
   block_q: int
   block_k: int
-
-  @property
-  def offset(self):  # key position of query 0 (bottom-right aligned causal mask)
-    return self.tk - self.tq
 
   @property
   def tq_pad(self):
@@ -60,10 +60,10 @@ def _load(ref, rows, width):
   return plgpu.load(ref.at[rows, :], mask=(jnp.arange(d_pow2) < width)[None, :], other=0.0)
 
 
-def _logits2(q, k, q_start, k_start, q_seg, kv_seg, t: _Tiling, *, scale, causal):
+def _logits2(q, k, q_start, k_start, q_seg, kv_seg, t: _Tiling, offset, *, scale, causal):
   """Masked base-2 logits [block_q, block_k]; -inf where a key is not visible."""
   s = plgpu.dot(q, k.T) * (scale * _LOG2E)
-  q_pos = t.offset + q_start + jnp.arange(s.shape[0])[:, None]
+  q_pos = offset + q_start + jnp.arange(s.shape[0])[:, None]
   k_pos = k_start + jnp.arange(s.shape[1])[None, :]
   conds = []
   if causal:
@@ -75,9 +75,9 @@ def _logits2(q, k, q_start, k_start, q_seg, kv_seg, t: _Tiling, *, scale, causal
   return jnp.where(functools.reduce(jnp.logical_and, conds), s, -jnp.inf) if conds else s
 
 
-def _fwd_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, o_ref, lse_ref, *, t: _Tiling, scale, causal,
-                dqk, dv):
-  i = pl.program_id(0)
+def _fwd_kernel(offset_ref, q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, o_ref, lse_ref, *, t: _Tiling, scale,
+                causal, dqk, dv):
+  i, offset = pl.program_id(0), offset_ref[0]
   bq, bk = t.block_q, t.block_k
   q = _load(q_ref, slice(None), dqk)
   q_seg = None if q_seg_ref is None else q_seg_ref[...]
@@ -86,7 +86,8 @@ def _fwd_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, o_ref, lse_ref, *, t
     acc, m, l = carry
     ks = pl.ds(j * bk, bk)
     kv_seg = None if kv_seg_ref is None else kv_seg_ref[ks]
-    s = _logits2(q, _load(k_ref, ks, dqk), i * bq, j * bk, q_seg, kv_seg, t, scale=scale, causal=causal)
+    s = _logits2(q, _load(k_ref, ks, dqk), i * bq, j * bk, q_seg, kv_seg, t, offset, scale=scale,
+                 causal=causal)
     m_next = jnp.maximum(m, jnp.max(s, axis=1))
     # Rows with nothing visible yet keep m = -inf; shifting them by 0 keeps exp2() NaN-free.
     m_shift = jnp.where(m_next == -jnp.inf, 0.0, m_next)
@@ -98,7 +99,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, o_ref, lse_ref, *, t
 
   n_kv = t.tk_pad // bk
   if causal:
-    n_kv = jnp.minimum(n_kv, lax.div(t.offset + (i + 1) * bq + bk - 1, bk))
+    n_kv = jnp.minimum(n_kv, lax.div(offset + (i + 1) * bq + bk - 1, bk))
   init = (jnp.zeros((bq, o_ref.shape[-1]), jnp.float32), jnp.full((bq,), -jnp.inf, jnp.float32),
           jnp.zeros((bq,), jnp.float32))
   acc, m, l = lax.fori_loop(0, n_kv, body, init)
@@ -109,9 +110,9 @@ def _fwd_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, o_ref, lse_ref, *, t
   plgpu.store(o_ref, o.astype(o_ref.dtype), mask=(jnp.arange(o_ref.shape[-1]) < dv)[None, :])
 
 
-def _dkv_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, lse_ref, delta_ref, do_ref, dk_ref, dv_ref, *,
-                t: _Tiling, scale, causal, dqk, dv):
-  j = pl.program_id(0)
+def _dkv_kernel(offset_ref, q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, lse_ref, delta_ref, do_ref, dk_ref,
+                dv_ref, *, t: _Tiling, scale, causal, dqk, dv):
+  j, offset = pl.program_id(0), offset_ref[0]
   bq, bk = t.block_q, t.block_k
   k, v = _load(k_ref, slice(None), dqk), _load(v_ref, slice(None), dv)
   kv_seg = None if kv_seg_ref is None else kv_seg_ref[...]
@@ -121,23 +122,24 @@ def _dkv_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, lse_ref, delta_ref, 
     qs = pl.ds(i * bq, bq)
     q, do = _load(q_ref, qs, dqk), _load(do_ref, qs, dv)
     q_seg = None if q_seg_ref is None else q_seg_ref[qs]
-    s = _logits2(q, k, i * bq, j * bk, q_seg, kv_seg, t, scale=scale, causal=causal)
+    s = _logits2(q, k, i * bq, j * bk, q_seg, kv_seg, t, offset, scale=scale, causal=causal)
     p = jnp.exp2(s - lse_ref[qs][:, None] * _LOG2E)
     dv_acc += plgpu.dot(p.astype(do.dtype).T, do)
     ds = p * (plgpu.dot(do, v.T) - delta_ref[qs][:, None])
     dk += plgpu.dot(ds.astype(q.dtype).T, q)
     return dk, dv_acc
 
-  first = lax.div(jnp.maximum(0, j * bk - t.offset), bq) if causal else 0
+  # Past the last query (offset < Tk - Tq) `first` exceeds the block count: the loop is empty, dk = dv = 0.
+  first = lax.div(jnp.maximum(0, j * bk - offset), bq) if causal else 0
   init = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
   dk, dv_acc = lax.fori_loop(first, t.tq_pad // bq, body, init)
   plgpu.store(dk_ref, (dk * scale).astype(dk_ref.dtype), mask=(jnp.arange(k.shape[1]) < dqk)[None, :])
   plgpu.store(dv_ref, dv_acc.astype(dv_ref.dtype), mask=(jnp.arange(v.shape[1]) < dv)[None, :])
 
 
-def _dq_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, lse_ref, delta_ref, do_ref, dq_ref, *,
+def _dq_kernel(offset_ref, q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, lse_ref, delta_ref, do_ref, dq_ref, *,
                t: _Tiling, scale, causal, dqk, dv):
-  i = pl.program_id(0)
+  i, offset = pl.program_id(0), offset_ref[0]
   bq, bk = t.block_q, t.block_k
   q, do = _load(q_ref, slice(None), dqk), _load(do_ref, slice(None), dv)
   q_seg = None if q_seg_ref is None else q_seg_ref[...]
@@ -147,14 +149,14 @@ def _dq_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, lse_ref, delta_ref, d
     ks = pl.ds(j * bk, bk)
     k = _load(k_ref, ks, dqk)
     kv_seg = None if kv_seg_ref is None else kv_seg_ref[ks]
-    s = _logits2(q, k, i * bq, j * bk, q_seg, kv_seg, t, scale=scale, causal=causal)
+    s = _logits2(q, k, i * bq, j * bk, q_seg, kv_seg, t, offset, scale=scale, causal=causal)
     p = jnp.exp2(s - lse2[:, None])
     ds = p * (plgpu.dot(do, _load(v_ref, ks, dv).T) - delta[:, None])
     return dq + plgpu.dot(ds.astype(k.dtype), k)
 
   n_kv = t.tk_pad // bk
   if causal:
-    n_kv = jnp.minimum(n_kv, lax.div(t.offset + (i + 1) * bq + bk - 1, bk))
+    n_kv = jnp.minimum(n_kv, lax.div(offset + (i + 1) * bq + bk - 1, bk))
   dq = lax.fori_loop(0, n_kv, body, jnp.zeros(q.shape, jnp.float32))
   plgpu.store(dq_ref, (dq * scale).astype(dq_ref.dtype), mask=(jnp.arange(q.shape[1]) < dqk)[None, :])
 
@@ -184,37 +186,49 @@ def _specs(t: _Tiling, h: int, q, k, v, segment_ids, *, q_blocked: bool):
   return arrays, specs, q_row_spec, seq_spec(qlen, q_at, v.shape[3])
 
 
+def _offset(q_offset, tq: int, tk: int):
+  """The causal offset as an int32 [1] operand and its BlockSpec: every program reads the whole array."""
+  offset = jnp.asarray(resolve_q_offset(q_offset, tq, tk), jnp.int32).reshape(1)
+  return offset, pl.BlockSpec((1,), lambda n, bh_: (0,))
+
+
 def _params(d_max: int):
   return plgpu.CompilerParams(num_warps=4 if d_max <= 64 else 8, num_stages=_NUM_STAGES)
 
 
-def mla_flash_fwd_gpu(q, k, v, segment_ids=None, *, scale: float, causal: bool = True,
+def mla_flash_fwd_gpu(q, k, v, segment_ids=None, *, scale: float, causal: bool = True, q_offset=None,
                       block_q: int | None = None, block_k: int | None = None, interpret: bool = False):
   """Flash attention forward on GPU.
 
   Args:
-    q: [B, Tq, H, Dqk]; k: [B, Tk, H, Dqk]; v: [B, Tk, H, Dv]; Tq <= Tk, causal bottom-right aligned.
+    q: [B, Tq, H, Dqk]; k: [B, Tk, H, Dqk]; v: [B, Tk, H, Dv]; Tq <= Tk.
     segment_ids: None or (q_segment_ids [B, Tq], kv_segment_ids [B, Tk]) int32.
+    causal: query i sees keys at positions <= q_offset + i.
+    q_offset: key position of query 0, a Python int or an int32 scalar that may be traced, in
+      [0, Tk - Tq]; None means Tk - Tq (bottom-right aligned). Blocks it hides are skipped.
     block_q, block_k: powers of two >= 16 (clipped to the sequence); None takes the tuned default.
   Returns:
     o: [B, Tq, H, Dv] in q's dtype; lse: [B, H, Tq] float32 logsumexp, +inf where no key is visible.
   """
   b, tq, h, dqk = q.shape
-  dv = v.shape[3]
-  t = _tiling(tq, k.shape[1], block_q or _FWD_BLOCKS[0], block_k or _FWD_BLOCKS[1])
+  tk, dv = k.shape[1], v.shape[3]
+  t = _tiling(tq, tk, block_q or _FWD_BLOCKS[0], block_k or _FWD_BLOCKS[1])
+  offset, offset_spec = _offset(q_offset, tq, tk)
   arrays, specs, q_row_spec, o_spec = _specs(t, h, q, k, v, segment_ids, q_blocked=True)
   kernel = functools.partial(_fwd_kernel, t=t, scale=scale, causal=causal, dqk=dqk, dv=dv)
   o_bthd, lse_bht = pl.pallas_call(
-      kernel, grid=(t.tq_pad // t.block_q, b * h), in_specs=specs, out_specs=[o_spec, q_row_spec],
+      kernel, grid=(t.tq_pad // t.block_q, b * h), in_specs=[offset_spec] + specs,
+      out_specs=[o_spec, q_row_spec],
       out_shape=[jax.ShapeDtypeStruct((b, t.tq_pad, h, dv), q.dtype),
                  jax.ShapeDtypeStruct((b, h, t.tq_pad), jnp.float32)],
       compiler_params=_params(max(dqk, dv)), interpret=interpret, name="mla_flash_fwd_gpu",
-  )(*arrays)
+  )(offset, *arrays)
   return o_bthd[:, :tq], lse_bht[:, :, :tq]
 
 
 def mla_flash_bwd_gpu(q, k, v, segment_ids, lse, delta, do, *, scale: float, causal: bool = True,
-                      block_q: int | None = None, block_k: int | None = None, interpret: bool = False):
+                      q_offset=None, block_q: int | None = None, block_k: int | None = None,
+                      interpret: bool = False):
   """Flash attention backward on GPU: (dq, dk, dv) shaped and typed like (q, k, v).
 
   lse: [B, H, Tq] from `mla_flash_fwd_gpu`; delta: [B, H, Tq] = rowsum(o * do) in float32;
@@ -224,6 +238,7 @@ def mla_flash_bwd_gpu(q, k, v, segment_ids, lse, delta, do, *, scale: float, cau
   b, tq, h, dqk = q.shape
   tk, dv = k.shape[1], v.shape[3]
   tilings = [_tiling(tq, tk, block_q or dq, block_k or dk) for dq, dk in (_DKV_BLOCKS, _DQ_BLOCKS)]
+  offset, offset_spec = _offset(q_offset, tq, tk)
 
   def call(kernel, t, q_blocked, out_specs, out_shape, name):
     arrays, specs, q_row_spec, do_spec = _specs(t, h, q, k, v, segment_ids, q_blocked=q_blocked)
@@ -233,9 +248,9 @@ def mla_flash_bwd_gpu(q, k, v, segment_ids, lse, delta, do, *, scale: float, cau
     n_blocks = t.tq_pad // t.block_q if q_blocked else t.tk_pad // t.block_k
     return pl.pallas_call(
         functools.partial(kernel, t=t, scale=scale, causal=causal, dqk=dqk, dv=dv), grid=(n_blocks, b * h),
-        in_specs=specs + [q_row_spec, q_row_spec, do_spec], out_specs=out_specs(specs), out_shape=out_shape(t),
-        compiler_params=_params(max(dqk, dv)), interpret=interpret, name=name,
-    )(*arrays, *residuals)
+        in_specs=[offset_spec] + specs + [q_row_spec, q_row_spec, do_spec], out_specs=out_specs(specs),
+        out_shape=out_shape(t), compiler_params=_params(max(dqk, dv)), interpret=interpret, name=name,
+    )(offset, *arrays, *residuals)
 
   dk_bthd, dv_bthd = call(
       _dkv_kernel, tilings[0], False, lambda specs: [specs[1], specs[2]],

@@ -46,6 +46,24 @@ def check_qkv(q, k, v) -> None:
     raise ValueError(f"Tq must be <= Tk, got q{q.shape} and k{k.shape}")
 
 
+def resolve_q_offset(q_offset, tq: int, tk: int):
+  """The key position of query 0 for the causal mask: Tk - Tq (bottom-right aligned) when None.
+
+  `q_offset` may be a Python int or an int scalar array, traced or not; a concrete value must lie in
+  [0, Tk - Tq] so every query sees key 0 and no query lies past the last key. A traced value (e.g.
+  `lax.axis_index(axis) * chunk` under `shard_map`) cannot be checked and is returned as is.
+  """
+  if q_offset is None:
+    return tk - tq
+  if jnp.ndim(q_offset) != 0 or not jnp.issubdtype(jnp.result_type(q_offset), jnp.integer):
+    raise ValueError(f"q_offset must be an int or an int scalar, got {type(q_offset).__name__} of shape "
+                     f"{jnp.shape(q_offset)} and dtype {jnp.result_type(q_offset)}")
+  if not isinstance(q_offset, jax.core.Tracer) and not 0 <= int(q_offset) <= tk - tq:
+    raise ValueError(f"q_offset must lie in [0, Tk - Tq] = [0, {tk - tq}] for Tq={tq}, Tk={tk}, "
+                     f"got {int(q_offset)}")
+  return q_offset
+
+
 def _attend_block(q_bqhd, q_seg_bq, q_pos_q, k_bkhd, v_bkhd, kv_seg_bk, *, scale, causal):
   s_bhqk = jnp.einsum("bqhd,bkhd->bhqk", q_bqhd, k_bkhd, precision=_HIGHEST,
                       preferred_element_type=jnp.float32) * scale
@@ -66,7 +84,7 @@ def _attend_block(q_bqhd, q_seg_bq, q_pos_q, k_bkhd, v_bkhd, kv_seg_bk, *, scale
 
 
 def mla_attention_reference(q, k, v, *, scale: float, segment_ids=None, causal: bool = True,
-                            block_q: int = 512):
+                            q_offset=None, block_q: int = 512):
   """Softmax attention with Dqk != Dv allowed, in fp32 with exact matmuls.
 
   Args:
@@ -74,7 +92,10 @@ def mla_attention_reference(q, k, v, *, scale: float, segment_ids=None, causal: 
     scale: multiplies q·k before the softmax.
     segment_ids: None, [B, T] int (Tq == Tk), or (q_segment_ids [B, Tq], kv_segment_ids [B, Tk]);
       a query sees only keys of its own segment.
-    causal: queries are the last Tq key positions (bottom-right aligned) and see keys up to their own.
+    causal: query i sees keys at positions <= q_offset + i.
+    q_offset: key position of query 0, a Python int or an int32 scalar that may be traced, in
+      [0, Tk - Tq] (checked when concrete); None means Tk - Tq, the queries being the last Tq keys.
+      Only the causal mask uses it.
     block_q: queries per block of the memory-bounded scan.
   Returns:
     o: [B, Tq, H, Dv] in q's dtype; rows with no visible key are zeros.
@@ -83,10 +104,11 @@ def mla_attention_reference(q, k, v, *, scale: float, segment_ids=None, causal: 
   b, tq, h, _ = q.shape
   tk = k.shape[1]
   segs = split_segment_ids(segment_ids, tq, tk, b)
+  q_offset = resolve_q_offset(q_offset, tq, tk)
   block_q = min(block_q, tq)
   n_blocks = -(-tq // block_q)
   pad = n_blocks * block_q - tq
-  q_pos_t = jnp.arange(n_blocks * block_q) + (tk - tq)
+  q_pos_t = jnp.arange(n_blocks * block_q) + q_offset
   q_nbqhd = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
   q_nbqhd = q_nbqhd.reshape(b, n_blocks, block_q, h, -1).swapaxes(0, 1)
   xs = [q_nbqhd, q_pos_t.reshape(n_blocks, block_q)]

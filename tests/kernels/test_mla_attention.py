@@ -1,4 +1,5 @@
-"""MLA flash attention: reference vs float64 numpy, kernels (interpret mode) vs reference, 1T lowering."""
+"""MLA flash attention: reference vs float64 numpy, kernels (interpret mode) vs reference, 1T lowering;
+each also with an explicit causal q_offset, traced where it reaches a kernel."""
 import functools
 
 import jax
@@ -18,17 +19,18 @@ TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
 BLOCKS = {"tpu": dict(block_q=128, block_k=128), "gpu": dict(block_q=64, block_k=32)}
 
 
-def naive_attention_f64(q, k, v, scale, q_seg, kv_seg, causal):
+def naive_attention_f64(q, k, v, scale, q_seg, kv_seg, causal, q_offset=None):
   q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
   b, tq, h, _ = q.shape
   tk = k.shape[1]
+  q_offset = tk - tq if q_offset is None else q_offset
   o = np.zeros((b, tq, h, v.shape[-1]))
   for bi in range(b):
     for hi in range(h):
       for i in range(tq):
         visible = np.ones(tk, bool)
         if causal:
-          visible &= np.arange(tk) <= tk - tq + i
+          visible &= np.arange(tk) <= q_offset + i
         if q_seg is not None:
           visible &= kv_seg[bi] == q_seg[bi, i]
         if visible.any():
@@ -38,15 +40,19 @@ def naive_attention_f64(q, k, v, scale, q_seg, kv_seg, causal):
   return o
 
 
-def make_inputs(seed, b, tq, tk, h, dqk, dv, n_seg, dtype=jnp.float32, orphan_rows=0):
-  """q, k, v and (q_seg, kv_seg) with sorted segments; `orphan_rows` queries get an id no key has."""
+def make_inputs(seed, b, tq, tk, h, dqk, dv, n_seg, dtype=jnp.float32, orphan_rows=0, q_offset=None):
+  """q, k, v and (q_seg, kv_seg) with sorted segments; `orphan_rows` queries get an id no key has.
+
+  Queries take the segment ids of keys q_offset .. q_offset + Tq - 1 (None: the last Tq keys).
+  """
   rng = np.random.default_rng(seed)
   mk = lambda *shape: jnp.asarray(rng.standard_normal(shape), dtype)
   q, k, v = mk(b, tq, h, dqk), mk(b, tk, h, dqk), mk(b, tk, h, dv)
   if not n_seg:
     return q, k, v, None
   kv_seg = np.sort(rng.integers(0, n_seg, (b, tk)), axis=1).astype(np.int32)
-  q_seg = kv_seg[:, tk - tq:].copy()
+  q_offset = tk - tq if q_offset is None else q_offset
+  q_seg = kv_seg[:, q_offset:q_offset + tq].copy()
   q_seg[:, :orphan_rows] = n_seg + 7
   return q, k, v, (jnp.asarray(q_seg), jnp.asarray(kv_seg))
 
@@ -57,6 +63,15 @@ def test_reference_matches_float64(tq, tk, n_seg, causal):
   q, k, v, segs = make_inputs(0, 2, tq, tk, 3, 24, 16, n_seg, orphan_rows=2 if n_seg else 0)
   o = mla_attention_reference(q, k, v, scale=0.2, segment_ids=segs, causal=causal, block_q=16)
   expected = naive_attention_f64(q, k, v, 0.2, *(segs or (None, None)), causal)
+  np.testing.assert_allclose(np.asarray(o), expected, atol=2e-6, rtol=0)
+
+
+@pytest.mark.parametrize("n_seg", [0, 3])
+@pytest.mark.parametrize("q_offset", [0, 13, 30])  # Tq=20, Tk=50: the first, a middle and the last offset
+def test_reference_matches_float64_with_q_offset(q_offset, n_seg):
+  q, k, v, segs = make_inputs(6, 2, 20, 50, 3, 24, 16, n_seg, q_offset=q_offset)
+  o = mla_attention_reference(q, k, v, scale=0.2, segment_ids=segs, q_offset=q_offset, block_q=16)
+  expected = naive_attention_f64(q, k, v, 0.2, *(segs or (None, None)), True, q_offset)
   np.testing.assert_allclose(np.asarray(o), expected, atol=2e-6, rtol=0)
 
 
@@ -72,23 +87,34 @@ def test_reference_single_segment_array_and_empty_rows():
   assert np.isfinite(np.asarray(grads)).all()
 
 
-def _max_rel_errors(impl, q, k, v, segs, causal, interpret=True, blocks=None):
-  """max|kernel - reference| / max|reference| for o, dq, dk, dv under a random linear functional of o."""
-  w = jnp.asarray(np.random.default_rng(5).standard_normal(q.shape[:3] + v.shape[3:]), jnp.float32)
-  kernel = functools.partial(mla_attention, scale=0.3, segment_ids=segs, causal=causal, impl=impl,
-                             interpret=interpret, **(blocks or BLOCKS[impl]))
-  reference = functools.partial(mla_attention_reference, scale=0.3, segment_ids=segs, causal=causal)
-  results = []
-  for attend in (kernel, reference):
-    loss = lambda q, k, v: jnp.sum(attend(q, k, v).astype(jnp.float32) * w)
-    results.append((attend(q, k, v),) + jax.grad(loss, argnums=(0, 1, 2))(q, k, v))
-  errors = {}
-  for name, got, want in zip(("o", "dq", "dk", "dv"), *results):
-    assert got.shape == want.shape and got.dtype == want.dtype, name
-    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
-    assert np.isfinite(got).all(), name
-    errors[name] = float(np.abs(got - want).max() / np.abs(want).max())
-  return errors, results[0][0]
+def _outputs_and_grads(attend):
+  """jit'd (q, k, v, segs, q_offset, w) -> (o, dq, dk, dv) for the loss sum(o * w). Every argument is
+  traced, q_offset included, so one compilation serves all offsets of a shape."""
+  def run(q, k, v, segs, q_offset, w):
+    forward = lambda q, k, v: attend(q, k, v, segment_ids=segs, q_offset=q_offset)
+    loss = lambda q, k, v: jnp.sum(forward(q, k, v).astype(jnp.float32) * w)
+    return (forward(q, k, v),) + jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+  return jax.jit(run)
+
+
+def _comparison(impl, causal, interpret=True, blocks=None):
+  """A function (q, k, v, segs, q_offset=None) -> (errors, kernel o), errors holding
+  max|kernel - reference| / max|reference| for o, dq, dk, dv under a random linear functional of o."""
+  kernel = _outputs_and_grads(functools.partial(mla_attention, scale=0.3, causal=causal, impl=impl,
+                                                interpret=interpret, **(blocks or BLOCKS[impl])))
+  reference = _outputs_and_grads(functools.partial(mla_attention_reference, scale=0.3, causal=causal))
+
+  def compare(q, k, v, segs, q_offset=None):
+    w = jnp.asarray(np.random.default_rng(5).standard_normal(q.shape[:3] + v.shape[3:]), jnp.float32)
+    results = [f(q, k, v, segs, q_offset, w) for f in (kernel, reference)]
+    errors = {}
+    for name, got, want in zip(("o", "dq", "dk", "dv"), *results):
+      assert got.shape == want.shape and got.dtype == want.dtype, name
+      got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+      assert np.isfinite(got).all(), name
+      errors[name] = float(np.abs(got - want).max() / np.abs(want).max())
+    return errors, results[0][0]
+  return compare
 
 
 KERNEL_CASES = {
@@ -107,17 +133,37 @@ def test_kernel_matches_reference(impl, case):
   b, tq, tk, h, dqk, dv, n_seg, causal, dtype = KERNEL_CASES[case]
   q, k, v, segs = make_inputs(list(KERNEL_CASES).index(case), b, tq, tk, h, dqk, dv, n_seg, dtype,
                               orphan_rows=3 if n_seg else 0)
-  errors, o = _max_rel_errors(impl, q, k, v, segs, causal)
+  errors, o = _comparison(impl, causal)(q, k, v, segs)
   print(f"{impl} {case}: {errors}")
   assert max(errors.values()) < TOL[dtype], errors
   if n_seg:
     assert np.all(np.asarray(o[:, :3]) == 0.0)  # queries whose segment has no key
 
 
+# (Tq, Tk, offsets): one q block and keys far past the last query, then several blocks each way.
+OFFSET_CASES = [(40, 200, (0, 77, 160)), (300, 700, (0, 177, 400))]
+
+
+@pytest.mark.parametrize("impl", ["tpu", "gpu"])
+def test_kernel_matches_reference_with_traced_q_offset(impl):
+  compare = _comparison(impl, causal=True)
+  for seed, (tq, tk, q_offsets) in enumerate(OFFSET_CASES):
+    for q_offset in q_offsets:
+      q, k, v, segs = make_inputs(seed, 1, tq, tk, 2, 24, 16, 2, jnp.bfloat16, q_offset=q_offset)
+      errors, _ = compare(q, k, v, segs, jnp.int32(q_offset))
+      print(f"{impl} Tq={tq} Tk={tk} q_offset={q_offset}: {errors}")
+      assert max(errors.values()) < TOL[jnp.bfloat16], (tq, tk, q_offset, errors)
+
+
 def test_tpu_kernel_under_interpret_params():
+  compare = _comparison("tpu", True, interpret=pltpu.InterpretParams())
   q, k, v, segs = make_inputs(3, 1, 200, 256, 1, 24, 16, 2)
-  errors, _ = _max_rel_errors("tpu", q, k, v, segs, True, interpret=pltpu.InterpretParams())
+  errors, _ = compare(q, k, v, segs)
   print(f"tpu InterpretParams: {errors}")
+  assert max(errors.values()) < TOL[jnp.float32], errors
+  q, k, v, segs = make_inputs(3, 1, 120, 256, 1, 24, 16, 2, q_offset=17)
+  errors, _ = compare(q, k, v, segs, jnp.int32(17))
+  print(f"tpu InterpretParams q_offset=17: {errors}")
   assert max(errors.values()) < TOL[jnp.float32], errors
 
 
@@ -130,15 +176,20 @@ def test_auto_on_cpu_is_reference():
 
 @pytest.mark.parametrize("platform,impl,marker", [("tpu", "tpu", "tpu_custom_call"), ("cuda", "gpu", "triton")])
 @pytest.mark.parametrize("with_segments", [False, True])
-def test_lowers_for_hardware_at_1t_shapes(platform, impl, marker, with_segments):
+@pytest.mark.parametrize("traced_q_offset", [False, True])
+def test_lowers_for_hardware_at_1t_shapes(platform, impl, marker, with_segments, traced_q_offset):
   b, t, h = 1, 8192, 64
-  args = [jax.ShapeDtypeStruct((b, t, h, 192), jnp.bfloat16), jax.ShapeDtypeStruct((b, t, h, 192), jnp.bfloat16),
-          jax.ShapeDtypeStruct((b, t, h, 128), jnp.bfloat16)]
+  # A traced offset stands for a context-parallel shard: a quarter of the queries against every key.
+  tq = t // 4 if traced_q_offset else t
+  args = [jax.ShapeDtypeStruct((b, tq, h, 192), jnp.bfloat16), jax.ShapeDtypeStruct((b, t, h, 192), jnp.bfloat16),
+          jax.ShapeDtypeStruct((b, t, h, 128), jnp.bfloat16),
+          jax.ShapeDtypeStruct((), jnp.int32) if traced_q_offset else None]
   if with_segments:
-    args.append(jax.ShapeDtypeStruct((b, t), jnp.int32))
+    q_seg = jax.ShapeDtypeStruct((b, tq), jnp.int32)
+    args.append((q_seg, jax.ShapeDtypeStruct((b, t), jnp.int32)) if traced_q_offset else q_seg)
 
-  def forward(q, k, v, seg=None):
-    return mla_attention(q, k, v, scale=192 ** -0.5, segment_ids=seg, impl=impl)
+  def forward(q, k, v, q_offset, seg=None):
+    return mla_attention(q, k, v, scale=192 ** -0.5, segment_ids=seg, q_offset=q_offset, impl=impl)
 
   def value_and_grads(*a):
     loss = lambda q, k, v: forward(q, k, v, *a[3:]).astype(jnp.float32).sum()
@@ -165,3 +216,13 @@ def test_bad_arguments():
     mla_attention(q, k, v, scale=1.0, impl="gpu", interpret=pltpu.InterpretParams())
   with pytest.raises(ValueError, match="multiple of 128"):
     mla_attention(q, k, v, scale=1.0, impl="tpu", interpret=True, block_q=100)
+
+
+@pytest.mark.parametrize("impl", ["reference", "tpu", "gpu"])
+def test_q_offset_out_of_range(impl):
+  q, k, v, _ = make_inputs(0, 1, 10, 16, 2, 24, 16, 0)
+  for q_offset in (7, -1):
+    with pytest.raises(ValueError, match=rf"q_offset must lie in \[0, Tk - Tq\] = \[0, 6\] .*got {q_offset}"):
+      mla_attention(q, k, v, scale=1.0, q_offset=q_offset, impl=impl, interpret=True)
+  with pytest.raises(ValueError, match="q_offset must be an int"):
+    mla_attention(q, k, v, scale=1.0, q_offset=2.0, impl=impl, interpret=True)
