@@ -236,6 +236,21 @@ def test_zigzag_token_order():
     np.testing.assert_array_equal(np.asarray(back), np.asarray(x))
 
 
+def test_zigzag_forward_with_mtp_heads():
+    """Hidden states return to sequence order before the LM head and each MTP head (MTP inputs are shifted in
+    sequence order, then moved into zig-zag order with the main tokens)."""
+    model = random_model(tiny_config(num_nextn_predict_layers=2))
+    ids = jax.random.randint(jax.random.key(3), (2, 32), 0, model.config.vocab_size)
+    fwd = jax.jit(lambda m, x: m(x, return_mtp_logits=True), compiler_options=FAST_COMPILE)
+    want = fwd(model, ids)
+    mesh = sharding.make_mesh(MESHES["data2-context4"])
+    with jax.set_mesh(mesh):
+        got = fwd(sharding.shard_model(model, mesh), jax.device_put(ids, sharding.batch_sharding(mesh)))
+    assert_close(got[0], want[0], "logits")
+    for j, (a, b) in enumerate(zip(got[1], want[1])):
+        assert_close(a, b, f"mtp logits {j}")
+
+
 def test_context_parallel_contiguous_order():
     """T = 24 over 8 context shards: 2n does not divide T, so each shard holds one contiguous chunk (the MLA
     queries attend at a per-shard causal offset, the Lightning chain runs up the shards only)."""
