@@ -12,7 +12,8 @@ from ling.layers.context import ForwardContext
 from ling.layers.norms import RMSNorm
 from ling.layers.params import param
 from ling.layers.rope import rope_table
-from ling.stack import LayerGroup, Remat, StackPlan, apply_run, apply_stacked, stack_modules
+from ling.stack import (LayerGroup, Remat, StackPlan, apply_run, apply_stacked, flat_pool, stack_modules,
+                        stacked_pool)
 from sharding import context_parallel
 
 
@@ -180,8 +181,7 @@ class LingModel(nnx.Module):
         n = plan.n_groups
         pool, pages = None, 0
         if cache is not None:
-            pages = cache["mla"]["latent"].shape[1]
-            pool = {k: v.reshape(n * pages, *v.shape[2:]) for k, v in cache["mla"].items()}
+            pool, _, pages = flat_pool(cache["mla"])
 
         def body(group, carry, inp):
             x, pool = carry
@@ -197,6 +197,5 @@ class LingModel(nnx.Module):
             self.groups, (x, pool), (jnp.arange(n), None if cache is None else cache["lightning"]), body,
             scan=self.scan_layers, remat=Remat.NONE)
         aux = jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), aux)  # [n_groups, G, ...] -> layer order
-        entries = None if cache is None else {
-            "lightning": lightning, "mla": {k: v.reshape(n, pages, *v.shape[1:]) for k, v in pool.items()}}
+        entries = None if cache is None else {"lightning": lightning, "mla": stacked_pool(pool, n, pages)}
         return x, entries, aux

@@ -113,8 +113,7 @@ def apply_run(blocks: nnx.Module, x, ctx, layer_ids, cache: dict | None, *, coll
 
         x, (entry, aux) = apply_stacked(blocks, x, (layer_ids, cache), body, scan=scan, remat=remat)
         return x, entry, aux
-    n, pages = cache["latent"].shape[:2]
-    pool = {k: v.reshape(n * pages, *v.shape[2:]) for k, v in cache.items()}
+    pool, n, pages = flat_pool(cache)
 
     def body(block, carry, inp):
         x, pool = carry
@@ -123,7 +122,19 @@ def apply_run(blocks: nnx.Module, x, ctx, layer_ids, cache: dict | None, *, coll
         return (x, pool), aux
 
     (x, pool), aux = apply_stacked(blocks, (x, pool), (jnp.arange(n), layer_ids), body, scan=scan, remat=remat)
-    return x, {k: v.reshape(n, pages, *v.shape[1:]) for k, v in pool.items()}, aux
+    return x, stacked_pool(pool, n, pages), aux
+
+
+def flat_pool(entry: dict):
+    """MLA page pools stacked per layer {"latent": [n, pages, ...], "rope": ...} as one pool of n * pages pages
+    (layer j owns pages [j * pages, (j + 1) * pages)); -> (pool, n, pages)."""
+    n, pages = entry["latent"].shape[:2]
+    return {k: v.reshape(n * pages, *v.shape[2:]) for k, v in entry.items()}, n, pages
+
+
+def stacked_pool(pool: dict, n: int, pages: int) -> dict:
+    """Inverse of flat_pool."""
+    return {k: v.reshape(n, pages, *v.shape[1:]) for k, v in pool.items()}
 
 
 def call_block(block: DecoderBlock, x, ctx, layer_idx, entry, collect: bool, remat: Remat):

@@ -48,6 +48,12 @@ def _split_axis(spec: P, dim: int) -> str | None:
     return entry[0]
 
 
+def _token_head_spec(x_bthd, mesh):
+    """(spec, batch axes, sequence axis, head axes) of a [B, T, H, D] activation under the rules."""
+    spec = logical_to_spec(("batch", "length", "heads", "head_dim"), x_bthd.shape, mesh)
+    return spec, spec[0], _split_axis(spec, 1), spec[2]
+
+
 # ----- zig-zag token order -----
 
 def zigzag_shards(shape_bt) -> int:
@@ -100,14 +106,20 @@ def from_zigzag(x):
 
 # ----- Lightning -----
 
+def _chain(axis: str, reverse: bool):
+    """A chain of pieces, one per shard, up the shards (or down them if `reverse`): (this shard's rank in the
+    chain, shift) where shift(d) are the collective-permute pairs from rank r to rank r + d."""
+    n, idx = lax.axis_size(axis), lax.axis_index(axis)
+    dev = (lambda r: n - 1 - r) if reverse else (lambda r: r)
+    return (n - 1 - idx if reverse else idx), (lambda d: [(dev(r), dev(r + d)) for r in range(n - d)])
+
+
 def _exclusive_affine_scan(a_bh, b_bhkv, state0_bhkv, axis: str, reverse: bool):
     """State entering each shard's piece: the maps S -> a_i S + b_i of the pieces before it in the chain (up the
     shards, or down them if `reverse`) applied to state0, by Hillis-Steele over collective permutes. Returns
     (entering state, state after the chain's last piece, on every shard)."""
-    n, idx = lax.axis_size(axis), lax.axis_index(axis)
-    rank = n - 1 - idx if reverse else idx
-    dev = (lambda r: n - 1 - r) if reverse else (lambda r: r)
-    shift = lambda d: [(dev(r), dev(r + d)) for r in range(n - d)]
+    n = lax.axis_size(axis)
+    rank, shift = _chain(axis, reverse)
     b_bhkv = jnp.where(rank == 0, b_bhkv + a_bh[..., None, None] * state0_bhkv, b_bhkv)
     d = 1
     while d < n:
@@ -126,13 +138,11 @@ def _chain_piece(o_bthv, own_bhkv, q_bthk, seg_bt, g_h, state0_bhkv, seg_before_
     """Correct one piece per shard (chained up or down the shards) for the state entering it. seg_before_b: the
     segment id just before the chain's first piece (None: the chain starts the sequence)."""
     b, t, h, dk = q_bthk.shape
-    n = lax.axis_size(axis)
-    rank = n - 1 - lax.axis_index(axis) if reverse else lax.axis_index(axis)
+    rank, shift = _chain(axis, reverse)
     if seg_bt is None:
         connected_bt = jnp.ones((b, t), bool)
     else:
-        pairs = [((n - 1 - r) if reverse else r, (n - 2 - r) if reverse else r + 1) for r in range(n - 1)]
-        prev_last_b = lax.ppermute(seg_bt[:, -1], axis, pairs)
+        prev_last_b = lax.ppermute(seg_bt[:, -1], axis, shift(1))
         first_starts_b = seg_bt[:, 0] != prev_last_b
         if seg_before_b is None:
             first_starts_b &= rank > 0
@@ -186,9 +196,7 @@ def lightning_attention(q, k, v, log_decay, *, initial_state=None, segment_ids=N
     if mesh is None:
         return lightning_kernel(q, k, v, log_decay, initial_state=initial_state, segment_ids=segment_ids, impl=impl,
                                 interpret=interpret)
-    qkv_spec = logical_to_spec(("batch", "length", "heads", "head_dim"), q.shape, mesh)
-    axis = _split_axis(qkv_spec, 1)
-    batch, heads = qkv_spec[0], qkv_spec[2]
+    qkv_spec, batch, axis, heads = _token_head_spec(q, mesh)
     state_spec = P(batch, heads, None, None)
     seg_spec = None if segment_ids is None else P(batch, axis)
     body = functools.partial(_lightning_local, axis=axis, zigzag=zigzag and axis is not None, impl=impl,
@@ -207,7 +215,7 @@ def _mla_local(q_nope, q_rot, latent_btr, k_rot_btp, w_uk, w_uv, segment_ids, *,
     if zigzag:
         # Gathered shard-major, the chunks come as 0, 2n-1, 1, 2n-2, ...; put them back in sequence order.
         c = t // 2
-        slot = [2 * m if m < n else 2 * (2 * n - 1 - m) + 1 for m in range(2 * n)]
+        slot = [2 * _owner(m, n) + (m >= n) for m in range(2 * n)]  # shard-major position of chunk m
         order = np.concatenate([np.arange(c) + c * s for s in slot])
         starts = (idx * c, (2 * n - 1 - idx) * c)
     else:
@@ -237,8 +245,7 @@ def mla_attention(attend, q_nope, q_rot, latent_btr, k_rot_btp, w_uk, w_uv, *, s
     mesh = active_mesh()
     if mesh is None:
         return attend(q_nope, q_rot, latent_btr, k_rot_btp, w_uk, w_uv, segment_ids=segment_ids)
-    q_spec = logical_to_spec(("batch", "length", "heads", "head_dim"), q_nope.shape, mesh)
-    batch, axis, heads = q_spec[0], _split_axis(q_spec, 1), q_spec[2]
+    q_spec, batch, axis, heads = _token_head_spec(q_nope, mesh)
     tok_spec, w_spec = P(batch, axis, None), P(None, heads, None)
     body = functools.partial(_mla_local, attend=attend, axis=axis, zigzag=zigzag and axis is not None)
     island = jax.shard_map(body, in_specs=(q_spec, q_spec, tok_spec, tok_spec, w_spec, w_spec,
@@ -258,8 +265,7 @@ def mla_attention_cached(attend, q_nope, q_rot, latent_bwc, k_rot_bwr, w_uk, w_u
     mesh = active_mesh()
     if mesh is None:
         return attend(q_nope, q_rot, latent_bwc, k_rot_bwr, w_uk, w_uv, segment_ids=segment_ids)
-    q_spec = logical_to_spec(("batch", "length", "heads", "head_dim"), q_nope.shape, mesh)
-    batch, axis, heads = q_spec[0], _split_axis(q_spec, 1), q_spec[2]
+    q_spec, batch, axis, heads = _token_head_spec(q_nope, mesh)
     window = latent_bwc.shape[1]
 
     def body(q_nope, q_rot, latent, k_rot, w_uk, w_uv, segs):
