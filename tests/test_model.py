@@ -120,10 +120,12 @@ def test_bf16_close_to_fp32():
     assert (np.asarray(out.intermediates["topk_idx"]) == golden["router_topk_idx"]).mean() > 0.9
 
 
-def test_compiled_graph_does_not_grow_with_depth():
-    """The scanned stack traces each kind of layer once: 8 groups of layers give the same program size as 1."""
+@pytest.mark.parametrize("dense", [0, 1])
+def test_compiled_graph_does_not_grow_with_depth(dense):
+    """The scanned stack traces each kind of layer once: 16 groups of layers give the same program size as 2, with
+    or without a dense head."""
     def size(layers):
-        c = tiny_config(num_hidden_layers=layers, first_k_dense_replace=0)
+        c = tiny_config(num_hidden_layers=layers, first_k_dense_replace=dense)
         graphdef, state = nnx.split(nnx.eval_shape(lambda: make(c)))
         ids = jax.ShapeDtypeStruct((1, 16), jnp.int32)
         hlo = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)).trace(state, ids).lower().as_text()
