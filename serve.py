@@ -31,6 +31,8 @@ def _args(argv):
     g.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens per prefill step (power of 2)")
     g.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="default: the checkpoint's")
     g.add_argument("--mesh", default=None, help="device mesh, e.g. tensor=2,expert=4")
+    g.add_argument("--compilation-cache-dir", default=None,
+                   help="keep compiled prefill/decode programs here across runs (JAX's persistent cache)")
     s = p.add_argument_group("defaults for requests that do not set them (and for --prompt)")
     s.add_argument("--max-new-tokens", type=int, default=128)
     s.add_argument("--temperature", type=float, default=0.0)
@@ -151,6 +153,8 @@ def _serve(args) -> int:
 
     from ling.serving import Engine, EngineConfig, Limits, Request, output_record
 
+    if args.compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(args.compilation_cache_dir))
     model, tokenizer, mesh = _load(args)
     mc = model.config
     if args.max_len is not None and not 1 <= args.max_len <= mc.max_position_embeddings:

@@ -11,6 +11,7 @@ from flax import struct
 
 from ling.config import LingConfig
 from ling.stack import StackPlan
+from sharding.rules import constrain
 
 
 @struct.dataclass
@@ -86,6 +87,17 @@ def put_rows(cache: DecodeCache, start, rows: DecodeCache) -> DecodeCache:
     pools = jax.tree_util.tree_map_with_path(
         lambda path, x, r: x if path[-1] == jax.tree_util.DictKey("state") else r, out.layers, rows.layers)
     return out.replace(layers=pools)
+
+
+def constrain_cache(cache: DecodeCache) -> DecodeCache:
+    """`cache` in the layout a serving engine keeps between steps under the active mesh (identity without one):
+    Lightning states split over batch rows and heads as the rules say, everything else whole on every shard. Steps
+    that return their cache in the layout they were given reuse one compiled program per shape."""
+    def leaf(path, x):
+        return constrain(x, ("batch", "heads", None, None) if path[-1] == jax.tree_util.DictKey("state")
+                         else (None,) * x.ndim)
+
+    return jax.tree_util.tree_map_with_path(leaf, cache)
 
 
 def where_rows(mask_b: jax.Array, on_true: DecodeCache, on_false: DecodeCache) -> DecodeCache:

@@ -1,5 +1,6 @@
 """Serving: the continuous-batching engine against the published reference's outputs, batching and chunking
 invariances, a long-context prefill against a full forward pass, bad input, the memory plan, and the CLI."""
+import contextlib
 import json
 import os
 import pathlib
@@ -7,15 +8,19 @@ import re
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
+import ling
+import sharding
 from conftest import FIXTURE_DIR
 from ling.config import LingConfig, load_yaml_config
 from ling.model import LingModel
 from ling.serving import Engine, EngineConfig, Limits, Request, RequestError, parse_line, parse_request
+from ling.serving import engine as engine_module
 from ling.serving.engine import prefill_pieces
 from ling.serving.plan import memory_plan, parse_mesh
 from tiny_configs import tiny_config
@@ -70,6 +75,36 @@ def test_prefill_pieces_bound_compiled_shapes():
         assert sum(pieces) == n and all(p & (p - 1) == 0 for p in pieces)
         assert rem == sorted(set(rem), reverse=True) and pieces[len(rem):] == [256] * (n // 256)
     assert prefill_pieces(40, 16) == [8, 16, 16]
+
+
+@pytest.mark.parametrize("mesh_axes", [None, {"data": 2, "tensor": 2, "expert": 2}])
+def test_each_step_shape_compiles_once(golden, mesh_axes, monkeypatch):
+    """One compiled program per decode bucket and per prefill (piece length, page width), however the cache got to
+    its state (page-table updates between steps, earlier steps' outputs): the engine keeps its layout fixed."""
+    mesh = sharding.make_mesh(mesh_axes) if mesh_axes else None
+    model = ling.from_pretrained(FIXTURE_DIR, dtype=jnp.float32, mesh=mesh)
+    decode, prefill = engine_module._decode_step, engine_module._prefill_piece
+    decode.clear_cache()
+    prefill.clear_cache()
+    buckets, pieces = set(), set()
+
+    def decode_spy(*args, bucket):
+        buckets.add(bucket)
+        return decode(*args, bucket=bucket)
+
+    def prefill_spy(*args, width):
+        pieces.add((args[-1].shape, width))
+        return prefill(*args, width=width)
+
+    monkeypatch.setattr(engine_module, "_decode_step", decode_spy)
+    monkeypatch.setattr(engine_module, "_prefill_piece", prefill_spy)
+    ids = golden["input_ids"]
+    requests = [_request("a", ids[0]), _request("b", ids[1][:20], max_new_tokens=12), _request("c", ids[0][:9])]
+    with jax.set_mesh(mesh) if mesh else contextlib.nullcontext():
+        done = list(Engine(model, ENGINE).run(requests))
+    assert sorted(f.request.id for f in done if f.error is None) == ["a", "b", "c"]
+    assert len(buckets) == 2 and decode._cache_size() == len(buckets)
+    assert len(pieces) > 2 and prefill._cache_size() == len(pieces)
 
 
 def test_long_context_chunked_prefill_equals_full_forward():
@@ -213,7 +248,8 @@ def test_cli_end_to_end(tmp_path, golden):
     (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")
     out = subprocess.run([sys.executable, "serve.py", "--checkpoint", str(ckpt), "--input", str(tmp_path / "in.jsonl"),
                           "--output", str(tmp_path / "out.jsonl"), "--max-slots", "2", "--page-size", "8",
-                          "--prefill-chunk", "64", "--max-new-tokens", "8", "--mesh", "tensor=2,expert=2"],
+                          "--prefill-chunk", "64", "--max-new-tokens", "8", "--mesh", "tensor=2,expert=2",
+                          "--compilation-cache-dir", str(tmp_path / "xla")],
                          cwd=REPO, capture_output=True, text=True, timeout=600,
                          env={**os.environ, "JAX_PLATFORMS": "cpu",
                               "XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
@@ -230,3 +266,4 @@ def test_cli_end_to_end(tmp_path, golden):
     assert "empty" in recs[3]["error"] and "exceeds the maximum sequence length 128" in recs[4]["error"]
     assert recs[5]["token_ids"] == golden["generated"][1][:5].tolist() and recs[5]["finish_reason"] == "stop"
     assert "outside the vocabulary" in recs[6]["error"]
+    assert os.listdir(tmp_path / "xla")  # the compiled engine steps were kept for the next run

@@ -67,7 +67,9 @@ def _train_cmd(config, workdir):
 
 
 def test_sigkill_resume_is_bit_exact(tmp_path):
-    config = write_config(tmp_path)
+    """Also with the persistent compilation cache: run a compiles and fills it, the later runs load from it, and
+    every loss stays bit-identical."""
+    config = write_config(tmp_path, train={"compilation_cache_dir": str(tmp_path / "xla")})
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT}
     subprocess.run(_train_cmd(config, tmp_path / "a"), check=True, env=env, capture_output=True, timeout=600)
     proc = subprocess.Popen(_train_cmd(config, tmp_path / "b"), env=env, stdout=subprocess.DEVNULL,
@@ -90,6 +92,7 @@ def test_sigkill_resume_is_bit_exact(tmp_path):
     a, b = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
     assert [r["step"] for r in b] == list(range(1, 13))
     assert [r["loss"] for r in a] == [r["loss"] for r in b]
+    assert any("train_step" in name for name in os.listdir(tmp_path / "xla"))
 
 
 def _batch(ids_rows, seg_rows, pos_rows):

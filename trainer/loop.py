@@ -71,6 +71,8 @@ def _device_batch(batch: dict, mesh):
 def run(cfg: TrainConfig, workdir: str, profile: tuple[int, int] | None = None) -> int:
     """Train until cfg.train.steps; returns the process exit code. With a `mesh:` section everything runs under
     that mesh (the model's sharding constraints and shard_map islands read it)."""
+    if cfg.train.compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(cfg.train.compilation_cache_dir))
     if not cfg.mesh:
         return _run(cfg, workdir, None, profile)
     from sharding import make_mesh

@@ -26,10 +26,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ling.cache import DecodeCache, init_cache, put_rows, take_rows, where_rows
+from ling.cache import DecodeCache, constrain_cache, init_cache, put_rows, take_rows, where_rows
 from ling.model import LingModel
 from ling.sampling import sample_tokens
 from ling.serving.requests import Limits, Request, RequestError, validate_request
+from sharding.mesh import active_mesh
 
 SCRATCH_PAGE = 0
 
@@ -88,6 +89,7 @@ def sample_rows(logits_bv, seed_b, step_b, temperature_b, top_k_b, top_p_b):
 
 
 _sample = jax.jit(sample_rows)
+_place = jax.jit(constrain_cache)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "width"), donate_argnames=("cache",))
@@ -98,7 +100,7 @@ def _prefill_piece(graphdef, params, cache: DecodeCache, slot, start, ids_1t, *,
     rows = where_rows(jnp.reshape(start > 0, (1,)), rows, blank)  # a new sequence starts from a zero state
     view = rows.replace(lengths=jnp.reshape(start, (1,)), page_table=rows.page_table[:, :width])
     out = nnx.merge(graphdef, params).forward(ids_1t, cache=view, last_logits_only=True)
-    return out.logits[:, -1], put_rows(cache, slot, out.cache.replace(page_table=rows.page_table))
+    return out.logits[:, -1], constrain_cache(put_rows(cache, slot, out.cache.replace(page_table=rows.page_table)))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "bucket"), donate_argnames=("cache",))
@@ -110,7 +112,7 @@ def _decode_step(graphdef, params, cache: DecodeCache, tokens_b, lengths_b, acti
     out = nnx.merge(graphdef, params).forward(tokens_b[:, None], cache=view)
     new_rows = where_rows(active_b, out.cache.replace(page_table=rows.page_table), rows)
     logits_bv = out.logits[:, -1]
-    return sample_rows(logits_bv, *sampling), logits_bv, put_rows(cache, 0, new_rows)
+    return sample_rows(logits_bv, *sampling), logits_bv, constrain_cache(put_rows(cache, 0, new_rows))
 
 
 @dataclasses.dataclass
@@ -160,6 +162,7 @@ class Engine:
     def run(self, requests: Iterable[Request], on_token: Callable[[Request, int], None] | None = None
             ) -> Iterator[Finished]:
         """Serve every request; yields each one's Finished as soon as it completes (not in input order)."""
+        self._place_cache()
         queue = collections.deque()
         for r in requests:
             try:
@@ -206,9 +209,19 @@ class Engine:
         self._slots[slot] = None
         self._sync_page_table()
 
+    def _place_cache(self) -> None:
+        """Put the cache where the steps leave it (their layout under the mesh this runs in, or committed to the
+        parameters' device), so the first step compiles the same program as the later ones."""
+        if active_mesh() is None:
+            self.cache = jax.device_put(self.cache, jax.tree.leaves(self._params)[0].sharding)
+        else:
+            self.cache = _place(self.cache)
+
     def _sync_page_table(self) -> None:
-        # A copy: on CPU a device array may alias host memory, and this table keeps changing.
-        self.cache = self.cache.replace(page_table=jnp.array(self._page_table, copy=True))
+        # A copy: on CPU a device array may alias host memory, and this table keeps changing. Placed like the
+        # table it replaces, so the next step finds the layout it was compiled for.
+        table = self._page_table.copy()
+        self.cache = self.cache.replace(page_table=jax.device_put(table, self.cache.page_table.sharding))
 
     def _finish_reason(self, s: _Slot) -> str | None:
         r, toks = s.request, s.tokens
