@@ -90,9 +90,9 @@ def put_rows(cache: DecodeCache, start, rows: DecodeCache) -> DecodeCache:
 
 
 def constrain_cache(cache: DecodeCache) -> DecodeCache:
-    """`cache` in the layout a serving engine keeps between steps under the active mesh (identity without one):
-    Lightning states split over batch rows and heads as the rules say, everything else whole on every shard. Steps
-    that return their cache in the layout they were given reuse one compiled program per shape."""
+    """`cache` in the layout generation and serving keep between steps under the active mesh (identity without
+    one): Lightning states split over batch rows and heads as the rules say, everything else whole on every shard.
+    Steps that return their cache in the layout they were given reuse one compiled program per shape."""
     def leaf(path, x):
         return constrain(x, ("batch", "heads", None, None) if path[-1] == jax.tree_util.DictKey("state")
                          else (None,) * x.ndim)

@@ -5,21 +5,23 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ling.cache import init_cache
+from ling.cache import constrain_cache, init_cache
 from ling.model import LingModel
 from ling.sampling import sample_tokens
 
 
+# Both steps return the cache in one layout, so the decode step compiles once: its first call (after the prefill)
+# and the later ones (after itself) see the same input shardings.
 @functools.partial(jax.jit, static_argnums=(0,))
 def _prefill(graphdef, state, input_ids, cache):
     out = nnx.merge(graphdef, state).forward(input_ids, cache=cache, last_logits_only=True)
-    return out.logits[:, -1], out.cache
+    return out.logits[:, -1], constrain_cache(out.cache)
 
 
 @functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(3,))
 def _decode(graphdef, state, token_b, cache):
     out = nnx.merge(graphdef, state).forward(token_b[:, None], cache=cache)
-    return out.logits[:, -1], out.cache
+    return out.logits[:, -1], constrain_cache(out.cache)
 
 
 def generate(model: LingModel, input_ids, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,

@@ -6,6 +6,7 @@ cross-entropy loss on packed rows equal the single-device result (fp32) for the 
 dispatch (emulated on CPU, where XLA lacks the op) equals the same reference; a context-parallel forward over
 8K tokens of packed documents equals the unsharded one.
 """
+import importlib
 import json
 
 import jax
@@ -21,6 +22,8 @@ import sharding
 from conftest import FIXTURE_DIR
 from sharding import expert_parallel
 from tiny_configs import tiny_config
+
+generate_module = importlib.import_module("ling.generate")  # `ling.generate` names the function
 
 # CPU compile options for these tiny programs: about 3x faster to compile, same fp32 arithmetic.
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True,
@@ -300,14 +303,19 @@ def test_context_parallel_8k_packed_documents():
 
 def test_generate_under_mesh_matches_golden():
     """Cached prefill split over context (Lightning state carried in and out of the island), decode with a batch
-    of 2 padded to the 4 expert shards, paged MLA cache under GSPMD: the reference's greedy tokens and logits."""
+    of 2 padded to the 4 expert shards, paged MLA cache under GSPMD: the reference's greedy tokens and logits, with
+    the prefill and the decode step compiled once each (the cache keeps one layout between them)."""
     golden = dict(np.load(FIXTURE_DIR / "golden.npz"))
     mesh = sharding.make_mesh({"expert": 4, "context": 2})
+    steps = (generate_module._prefill, generate_module._decode)
+    for step in steps:
+        step.clear_cache()
     with jax.set_mesh(mesh):
         model = ling.from_pretrained(FIXTURE_DIR, dtype=jnp.float32, mesh=mesh)
         new, logits = ling.generate(model, golden["input_ids"], max_new_tokens=8, return_logits=True)
     np.testing.assert_array_equal(new, golden["generated"])
     np.testing.assert_allclose(logits, golden["decode_logits"], atol=1e-4, rtol=0)
+    assert [step._cache_size() for step in steps] == [1, 1]
 
 
 def test_generate_with_pallas_kernels_in_islands():
