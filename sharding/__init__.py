@@ -9,8 +9,8 @@
 from sharding.mesh import MESH_AXES, active_mesh, make_abstract_mesh, make_mesh
 from sharding.placement import init_sharded, shard_model
 from sharding.rules import (DEFAULT_RULES, batch_sharding, constrain, current_rules, logical_to_spec, make_rules,
-                            param_shardings, param_specs, use_rules)
+                            param_shardings, param_specs, placement_spec, use_rules)
 
 __all__ = ["DEFAULT_RULES", "MESH_AXES", "active_mesh", "batch_sharding", "constrain", "current_rules",
            "init_sharded", "logical_to_spec", "make_abstract_mesh", "make_mesh", "make_rules", "param_shardings",
-           "param_specs", "shard_model", "use_rules"]
+           "param_specs", "placement_spec", "shard_model", "use_rules"]

@@ -102,6 +102,16 @@ def logical_to_spec(logical_axes, shape, mesh, rules: Rules | None = None) -> P:
     return P(*spec)
 
 
+def placement_spec(spec: P) -> P:
+    """`spec` without trailing Nones: the form XLA gives jit outputs. Arrays placed with it compare equal to a
+    step's outputs, so a step fed its own outputs (or a restored state) reuses the program compiled for the first
+    call instead of compiling a second one."""
+    entries = list(spec)
+    while entries and entries[-1] is None:
+        entries.pop()
+    return P(*entries)
+
+
 def mesh_axes(name: str, mesh, rules: Rules | None = None) -> tuple[str, ...]:
     """The mesh axes of size > 1 that logical `name` maps to (regardless of any array's shape)."""
     rules = current_rules() if rules is None else rules
@@ -118,7 +128,7 @@ def _variable_spec(var, mesh, rules) -> P:
     names = logical_axes_of(var)
     if names is None:
         return P()
-    return logical_to_spec(names, var.shape, mesh, rules)
+    return placement_spec(logical_to_spec(names, var.shape, mesh, rules))
 
 
 def param_specs(state, mesh, rules: Rules | None = None):
@@ -140,7 +150,7 @@ def batch_sharding(mesh, rules: Rules | None = None) -> NamedSharding:
     """Sharding of [B, T] token batches (and of [B, T, ...] by prefix): batch over its axes, length over its."""
     rules = current_rules() if rules is None else make_rules(rules)
     spec = [mesh_axes(name, mesh, rules) for name in ("batch", "length")]
-    return NamedSharding(mesh, P(*(None if not a else a[0] if len(a) == 1 else a for a in spec)))
+    return NamedSharding(mesh, placement_spec(P(*(None if not a else a[0] if len(a) == 1 else a for a in spec))))
 
 
 def constrain(x: jax.Array, logical_axes) -> jax.Array:
@@ -149,3 +159,21 @@ def constrain(x: jax.Array, logical_axes) -> jax.Array:
     if mesh is None:
         return x
     return jax.lax.with_sharding_constraint(x, logical_to_spec(logical_axes, x.shape, mesh))
+
+
+def constrain_state(tree):
+    """`tree` (parameters, optimizer state, step counters) constrained to where param_shardings places it: each
+    nnx Variable by its logical axes, other arrays replicated; identity without an active mesh. A step that returns
+    its state so hands the next step the layout it was compiled for (XLA may otherwise pick another, e.g. split an
+    updated weight over one more axis, and the next call compiles again)."""
+    mesh = active_mesh()
+    if mesh is None:
+        return tree
+    rules = current_rules()
+
+    def leaf(x):
+        if isinstance(x, nnx.Variable):
+            return x.replace(jax.lax.with_sharding_constraint(x.get_value(), _variable_spec(x, mesh, rules)))
+        return jax.lax.with_sharding_constraint(x, P())
+
+    return jax.tree.map(leaf, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))

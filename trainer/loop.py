@@ -95,6 +95,8 @@ def _run(cfg: TrainConfig, workdir: str, mesh, profile) -> int:
                          f"optimizer.grad_accum_steps={cfg.optimizer.grad_accum_steps} x processes")
     graphdef = split_model(model)[0]
     state = init_train_state(model, tx, t.seed)
+    if mesh is None:  # committed, like a restored state: a restart then lowers (and cache-loads) the same program
+        state = jax.device_put(state, jax.devices()[0])
     del model
     checkpointer = TrainCheckpointer(os.path.join(workdir, "checkpoints"), save_interval_steps=t.save_every,
                                      max_to_keep=t.keep_checkpoints, async_save=t.async_checkpointing)

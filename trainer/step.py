@@ -9,6 +9,7 @@ import optax
 from flax import nnx
 
 from ling.model import LingModel
+from sharding.rules import constrain_state
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,4 +102,4 @@ def train_step(graphdef, tx, cfg: StepConfig, state: dict, batch: dict):
         frac = load / jnp.maximum(load.sum(-1, keepdims=True), 1)
         metrics["expert_load_imbalance"] = jnp.mean(frac.max(-1) * load.shape[-1])  # 1.0 = perfectly balanced
     new_state = {"params": params, "rest": rest, "opt": opt, "step": state["step"] + 1, "rng": state["rng"]}
-    return new_state, metrics
+    return constrain_state(new_state), metrics
