@@ -42,7 +42,7 @@ class TrainLoopConfig:
     sample_top_k: int = 0
     async_checkpointing: bool = True
     # XLA executables kept here across runs (JAX's persistent compilation cache), so a restart after preemption
-    # loads the compiled step instead of recompiling; '~' is expanded, a gs:// path works on TPU VMs. None: off.
+    # loads the compiled step instead of recompiling; '~' is expanded. None: off.
     compilation_cache_dir: str | None = None
 
 
