@@ -49,6 +49,25 @@ def test_mtp_bf16_checkpoint_upcasts_exactly(tmp_path):
     assert loaded_f32.dtype == jnp.float32
 
 
+def test_mtp_layer_in_its_own_file_outside_the_index(tmp_path):
+    """Ling-2.6-flash ships its MTP layer as model-mtp-layer.safetensors; the index may not name it."""
+    src = FIXTURE_DIR.parent / "mtp2"
+    d = tmp_path / "ckpt"
+    d.mkdir()
+    shutil.copy(src / "config.json", d)
+    tensors = load_file(str(src / "model.safetensors"))
+    n = json.loads((src / "config.json").read_text())["num_hidden_layers"]
+    is_mtp = lambda name: name.startswith("model.layers.") and int(name.split(".")[2]) >= n
+    save_file({k: v for k, v in tensors.items() if not is_mtp(k)}, str(d / "model-00001-of-00001.safetensors"))
+    save_file({k: v for k, v in tensors.items() if is_mtp(k)}, str(d / "model-mtp-layer.safetensors"))
+    weight_map = {k: "model-00001-of-00001.safetensors" for k in tensors if not is_mtp(k)}
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    got, want = ling.from_pretrained(d), ling.from_pretrained(src)
+    assert len(got.mtp) == 2
+    for k, v in state_arrays(want).items():
+        np.testing.assert_array_equal(state_arrays(got)[k], v)
+
+
 @pytest.fixture
 def broken(tmp_path):
     d = tmp_path / "ckpt"

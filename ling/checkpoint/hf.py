@@ -21,7 +21,10 @@ INDEX_FILE = "model.safetensors.index.json"
 
 
 def _tensor_files(directory: str) -> dict[str, str]:
-    """Published tensor name -> file path, from the index when present, else from every file's header."""
+    """Published tensor name -> file path: the index's weight_map when present, plus the tensors of any
+    *.safetensors file the index does not name (some releases keep the MTP layer in its own file outside the
+    index); without an index, every file's header."""
+    files: dict[str, str] = {}
     index_path = os.path.join(directory, INDEX_FILE)
     if os.path.exists(index_path):
         with open(index_path) as f:
@@ -32,15 +35,14 @@ def _tensor_files(directory: str) -> dict[str, str]:
         for path in sorted(set(files.values())):
             if not os.path.exists(path):
                 raise FileNotFoundError(f"{index_path} names {os.path.basename(path)}, which does not exist")
-        return files
-    paths = sorted(glob.glob(os.path.join(directory, "*.safetensors")))
-    if not paths:
+    indexed = set(files.values())
+    paths = [p for p in sorted(glob.glob(os.path.join(directory, "*.safetensors"))) if p not in indexed]
+    if not files and not paths:
         raise FileNotFoundError(f"no *.safetensors files in {directory}")
-    files = {}
     for path in paths:
         with _open(path) as f:
             for name in f.keys():
-                files[name] = path
+                files.setdefault(name, path)
     return files
 
 
