@@ -77,8 +77,8 @@ class LingConfig:
     pad_token_id: int | None = 156892
     eos_token_id: int | tuple[int, ...] | None = 156892
     bos_token_id: int | None = None
-    num_experts: int = 256
-    num_shared_experts: int = 1
+    num_experts: int | None = 256  # None: every layer dense (the reference builds no MoE block)
+    num_shared_experts: int | None = 1  # None or 0: no shared expert
     num_experts_per_tok: int = 8
     n_group: int = 8
     topk_group: int = 4
@@ -133,7 +133,7 @@ class LingConfig:
         return i >= n or (i + 1) % g == 0 or i >= (n // g) * g
 
     def is_moe_layer(self, i: int) -> bool:
-        return i >= self.first_k_dense_replace
+        return self.num_experts is not None and i >= self.first_k_dense_replace
 
     # ----- validation -----
     def validate(self) -> None:
@@ -153,13 +153,17 @@ class LingConfig:
                 f"qk_rope_head_dim = {self.qk_rope_head_dim}: MLA shares the linear layers' RoPE table")
         if self.rotary_dim % 2:
             errors.append(f"rotary dim {self.rotary_dim} must be even")
-        if self.num_experts % self.n_group:
+        if self.num_experts is None:
+            if self.num_nextn_predict_layers:
+                errors.append("num_experts=None with MTP layers: the reference's MTP layers are always MoE")
+        elif self.num_experts % self.n_group:
             errors.append(f"num_experts={self.num_experts} is not divisible by n_group={self.n_group}")
         elif self.num_experts // self.n_group < 2 and self.n_group > 1:
             errors.append("group-limited routing scores each group by its top-2 experts: need >= 2 experts per group")
         if not 1 <= self.topk_group <= self.n_group:
             errors.append(f"topk_group={self.topk_group} must be in [1, n_group={self.n_group}]")
-        elif self.num_experts_per_tok > self.topk_group * (self.num_experts // self.n_group):
+        elif self.num_experts is not None and self.num_experts_per_tok > self.topk_group * (
+                self.num_experts // self.n_group):
             errors.append(
                 f"num_experts_per_tok={self.num_experts_per_tok} exceeds the experts in topk_group={self.topk_group} "
                 f"groups of {self.num_experts // self.n_group}")

@@ -23,7 +23,7 @@ class ModelOutput:
     cache: DecodeCache | None = None
     mtp_logits: list[jax.Array] | None = None  # one [B, T, vocab] per MTP layer
     expert_load: jax.Array | None = None  # [n_moe_layers, E] tokens per expert, MoE layers in layer order (+ MTP)
-    intermediates: dict | None = None  # "hidden" [L, B, T, D], "topk_idx" / "router_logits" [n_moe, B, T, ...]
+    intermediates: dict | None = None  # "hidden" [L, B, T, D]; "topk_idx" / "router_logits" [n_moe, B, T, ...] if MoE
 
 
 jax.tree_util.register_dataclass(ModelOutput, data_fields=[f.name for f in dataclasses.fields(ModelOutput)],
@@ -132,9 +132,9 @@ class LingModel(nnx.Module):
                 loads.append(aux["load"][None])
         intermediates = None
         if collect:
-            # [layers, B, T, ...] per key, back in sequence order
-            cat = lambda key: jax.vmap(from_layout)(jnp.concatenate([a[key] for a in auxes if key in a]))
-            intermediates = {"hidden": cat("hidden"), "topk_idx": cat("topk_idx"), "router_logits": cat("router_logits")}
+            # [layers, B, T, ...] per key, back in sequence order; the router keys only with MoE layers
+            intermediates = {key: jax.vmap(from_layout)(jnp.concatenate([a[key] for a in auxes if key in a]))
+                             for key in ("hidden", "topk_idx", "router_logits") if any(key in a for a in auxes)}
         new_cache = None if cache is None else cache.replace(lengths=cache.lengths + t, layers=new_layers)
         return ModelOutput(logits=logits, cache=new_cache, mtp_logits=mtp_logits,
                            expert_load=jnp.concatenate(loads) if loads else None, intermediates=intermediates)
@@ -152,7 +152,7 @@ class LingModel(nnx.Module):
             if blocks.moe:
                 bump(blocks.mlp, delta[i:i + len(layer_ids)])
                 i += len(layer_ids)
-        if self.groups is not None:
+        if self.groups is not None and self.groups.mla.moe:
             n, g = self.plan.n_groups, self.plan.group_size
             d = delta[i:i + n * g].reshape(n, g, -1)
             if self.groups.lightning is not None:

@@ -43,7 +43,8 @@ class StackPlan:
     def from_config(cls, c: LingConfig) -> "StackPlan":
         g, n_layers = c.layer_group_size, c.num_hidden_layers
         n_full = n_layers // g
-        n_head_groups = min(n_full, -(-c.first_k_dense_replace // g))
+        dense_prefix = c.first_k_dense_replace if c.num_experts is not None else 0  # all dense: uniform groups
+        n_head_groups = min(n_full, -(-dense_prefix // g))
         start = n_head_groups * g
         return cls(head=_runs(c, range(start)), group_start=start, n_groups=n_full - n_head_groups, group_size=g,
                    tail=_runs(c, range(n_full * g, n_layers)))
@@ -151,10 +152,10 @@ def call_block(block: DecoderBlock, x, ctx, layer_idx, entry, collect: bool, rem
 
 
 class LayerGroup(nnx.Module):
-    """G-1 Lightning+MoE blocks (stacked) followed by one MLA+MoE block."""
+    """G-1 Lightning blocks (stacked) followed by one MLA block; all MoE (all dense in a model without experts)."""
 
     def __init__(self, config: LingConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
-        kw = dict(moe=True, dtype=dtype, param_dtype=param_dtype)
+        kw = dict(moe=config.num_experts is not None, dtype=dtype, param_dtype=param_dtype)
         g = config.layer_group_size
         self.n_lightning = g - 1
         self.lightning = (stack_modules(lambda r: DecoderBlock(config, mla=False, rngs=r, **kw), g - 1, rngs)

@@ -133,11 +133,13 @@ def activation_bytes(config, layout: dict, seq_len: int, seqs: int = 1) -> dict:
     # MoE: a dispatch chunk's receive buffer is at most the n*k rows sent (sharding.expert_parallel.dispatch_chunks):
     # rows, regrouped rows and outputs (hidden wide), gate/up/h (expert hidden / tp wide); router logits fp32.
     rows = n * c.num_experts_per_tok
-    moe = 2 * (rows * (3 * c.hidden_size + 3 * c.moe_intermediate_size / tp) * b + 2 * n * c.num_experts * f
-               + 3 * n * c.num_shared_experts * c.moe_intermediate_size / tp * b)
+    moe = 0 if c.num_experts is None else 2 * (
+        rows * (3 * c.hidden_size + 3 * c.moe_intermediate_size / tp) * b + 2 * n * c.num_experts * f
+        + 3 * n * (c.num_shared_experts or 0) * c.moe_intermediate_size / tp * b)
     dense = 2 * 3 * n * c.intermediate_size / tp * b
     logits = 3 * n * c.vocab_size / tp * f
-    working = max(lightning, mla) + max(moe, dense if c.first_k_dense_replace else 0)
+    has_dense = c.num_experts is None or c.first_k_dense_replace > 0
+    working = max(lightning, mla) + max(moe, dense if has_dense else 0)
     return {"residuals": residuals, "layer_working_set": working, "logits": logits}
 
 
@@ -174,7 +176,7 @@ def candidate_layouts(config, chips: int, slices: int, seq_len: int):
         for ep in (2**i for i in range(9)):
             for cp in (2**i for i in range(9)):
                 inner = tp * ep * cp
-                if (config.num_attention_heads % tp or config.num_experts % ep or seq_len % cp
+                if (config.num_attention_heads % tp or (config.num_experts or 1) % ep or seq_len % cp
                         or seq_len // cp < 512 or per_slice % inner):
                     continue
                 yield {"data": 1, "fsdp": chips // inner, "expert": ep, "context": cp, "tensor": tp}

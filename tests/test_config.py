@@ -45,6 +45,7 @@ def test_layer_type_rule_with_trailing_group():
     (dict(rope_interleave=False), "rope_interleave"),
     (dict(hidden_act="gelu"), "hidden_act"),
     (dict(attention_impl="cuda"), "attention_impl"),
+    (dict(num_experts=None, num_nextn_predict_layers=1), "MTP layers are always MoE"),
 ])
 def test_validation_errors(change, message):
     with pytest.raises(ValueError, match=message):

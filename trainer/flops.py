@@ -46,7 +46,7 @@ def _lightning_attention_params(cfg: LingConfig) -> int:
 
 def _moe_active_params(cfg: LingConfig) -> int:
     h = cfg.hidden_size
-    experts = (cfg.num_experts_per_tok + cfg.num_shared_experts) * 3 * h * cfg.moe_intermediate_size
+    experts = (cfg.num_experts_per_tok + (cfg.num_shared_experts or 0)) * 3 * h * cfg.moe_intermediate_size
     return h * cfg.num_experts + experts
 
 
