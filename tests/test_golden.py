@@ -3,7 +3,8 @@
 tiny-a came with the task; the others were computed by the same unmodified reference code with
 tests/fixtures/generator (YaRN with mscale or an attention factor, 6 heads with a trailing all-MLA group and plain
 q_proj, two MTP layers, a bf16 checkpoint over three files, group size 8 without dense layers, qkv/output biases,
-tied embeddings with top-1 routing and no QK-norm, no experts at all; each fixture's README says what it exercises).
+tied embeddings with top-1 routing and no QK-norm, a zero-width shared expert, no experts at all; each fixture's
+README says what it exercises).
 """
 import pathlib
 
