@@ -107,6 +107,13 @@ def test_truncated_file_and_missing_shard(broken, tmp_path):
         ling.from_pretrained(broken)
 
 
+def test_tensor_in_two_files_is_an_error(broken):
+    """Without an index, a stray file holding some of the same names must not silently replace weights."""
+    save_file({"model.norm.weight": np.zeros(64, np.float32)}, str(broken / "extra.safetensors"))
+    with pytest.raises(ValueError, match="model.norm.weight is in both"):
+        ling.from_pretrained(broken)
+
+
 def test_interrupted_save_keeps_the_good_checkpoint(tmp_path, monkeypatch):
     model = ling.from_pretrained(FIXTURE_DIR)
     target = tmp_path / "ckpt"
