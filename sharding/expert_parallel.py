@@ -30,9 +30,11 @@ def dispatch_kind() -> str:
     return "ragged" if jax.default_backend() in ("tpu", "gpu", "cuda", "rocm") else "gather"
 
 
-def _combine(y_md, w_m, token_of_row_m, n: int):
-    """Sum each token's weighted expert outputs: rows [M, D] with row weights [M] -> [n, D]."""
-    return jnp.zeros((n, y_md.shape[1]), y_md.dtype).at[token_of_row_m].add(y_md * w_m[:, None])
+def combine_rows(y_md, w_m, token_of_row_m, n: int):
+    """Sum each token's weighted expert outputs: rows [M, D] with row weights [M] -> [n, D] in the rows' dtype.
+    The weighting and the sum run in float32, as in the reference, so bf16 outputs are rounded once, not per add."""
+    weighted = y_md.astype(jnp.float32) * w_m.astype(jnp.float32)[:, None]
+    return jnp.zeros((n, y_md.shape[1]), jnp.float32).at[token_of_row_m].add(weighted).astype(y_md.dtype)
 
 
 def _gathered(x_nd, topk_nk, w_nk, weights, *, sort, ffn, axis: str):
@@ -45,8 +47,8 @@ def _gathered(x_nd, topk_nk, w_nk, weights, *, sort, ffn, axis: str):
     # Other shards' assignments sort last as expert e_local; rows past the local groups are zeros in gmm.
     token_of_row, order, group_sizes = sort(jnp.where(mine_nk, local_nk, e_local), e_local + 1)
     y_rows = ffn(x_all[token_of_row], group_sizes[:e_local], *weights)
-    w_rows = jnp.where(mine_nk, w_all, 0.0).reshape(-1)[order].astype(y_rows.dtype)
-    y_all = _combine(y_rows, w_rows, token_of_row, x_all.shape[0])
+    w_rows = jnp.where(mine_nk, w_all, 0.0).reshape(-1)[order]
+    y_all = combine_rows(y_rows, w_rows, token_of_row, x_all.shape[0])
     return lax.psum_scatter(y_all, axis, scatter_dimension=0, tiled=True)
 
 
@@ -101,7 +103,7 @@ def _ragged_chunk(x_nd, topk_nk, w_nk, *, weights, sort, ffn, axis: str, num_exp
     return_offsets = lax.all_to_all(input_offsets, axis, 0, 0, tiled=True)
     y_sorted = ragged_all_to_all(y_grouped[inverse], jnp.zeros((n * k, x_nd.shape[1]), y_grouped.dtype),
                                  recv_offsets, recv_sizes, return_offsets, send_sizes, axis_name=axis)
-    return _combine(y_sorted, w_nk.reshape(-1)[order].astype(y_sorted.dtype), token_of_row, n)
+    return combine_rows(y_sorted, w_nk.reshape(-1)[order], token_of_row, n)
 
 
 ragged_all_to_all = lax.ragged_all_to_all  # module attribute so tests can emulate it on CPU
@@ -121,7 +123,7 @@ def _local(x_btd, valid_bt, gate_de, bias_e, w_gate, w_up, w_down, *, route, sor
     if expert_axis is None:
         token_of_row, order, group_sizes = sort(topk_nk, num_experts)
         y_rows = ffn(x_nd[token_of_row], group_sizes, *weights)
-        y_nd = _combine(y_rows, w_nk.reshape(-1)[order].astype(y_rows.dtype), token_of_row, b * t)
+        y_nd = combine_rows(y_rows, w_nk.reshape(-1)[order], token_of_row, b * t)
     elif dispatch == "ragged":
         y_nd = _ragged(x_nd, topk_nk, w_nk, weights, sort=sort, ffn=ffn, axis=expert_axis,
                        num_experts=num_experts)

@@ -108,16 +108,23 @@ def test_mtp_logits_follow_the_reference_recipe():
 
 
 def test_bf16_close_to_fp32():
-    """bf16 weights and compute on the tiny-a checkpoint against the reference's fp32 logits. Stated tolerance:
-    mean |error| below 10% of the mean |logit| and >= 90% of routing decisions unchanged (bf16 flips near-tied
-    expert choices, which moves individual logits by O(1))."""
-    golden = np.load(FIXTURE_DIR / "golden.npz")
-    model = ling.from_pretrained(FIXTURE_DIR, dtype=jnp.bfloat16)
-    out = model.forward(jnp.asarray(golden["input_ids"]), collect=True)
-    assert out.logits.dtype == jnp.float32
-    err = np.abs(np.asarray(out.logits) - golden["logits"])
-    assert err.mean() < 0.1 * np.abs(golden["logits"]).mean(), err.mean()
-    assert (np.asarray(out.intermediates["topk_idx"]) == golden["router_topk_idx"]).mean() > 0.9
+    """bf16 weights and compute against fp32, held to what the reference itself does in bf16 on the same 16x64
+    tokens (fixtures/bf16-sharded, measured by the generator with the reference in bf16 and in fp32). Stated
+    tolerance: mean |logit error| at most 1.5x the reference's own (0.053 there), and at most 3 points fewer routing
+    choices kept than the reference's 98%. bf16 flips near-tied expert choices, and each flip moves logits by O(1),
+    so these are statistics over many tokens, not a bound per logit."""
+    path = FIXTURE_DIR.parent / "bf16-sharded"
+    golden = np.load(path / "golden.npz")
+    ids = jnp.asarray(golden["bf16_input_ids"])
+    full = ling.from_pretrained(path, dtype=jnp.float32).forward(ids, collect=True)  # exact to the reference
+    model = ling.from_pretrained(path)  # the checkpoint's own dtype
+    assert model.dtype == jnp.bfloat16
+    low = model.forward(ids, collect=True)
+    assert low.logits.dtype == jnp.float32
+    error = float(jnp.abs(low.logits - full.logits).mean())
+    kept = float((jnp.sort(low.intermediates["topk_idx"], -1) == jnp.sort(full.intermediates["topk_idx"], -1)).mean())
+    assert error <= 1.5 * golden["bf16_reference_mean_error"], (error, golden["bf16_reference_mean_error"])
+    assert kept >= golden["bf16_reference_routing_agreement"] - 0.03, (kept, golden["bf16_reference_routing_agreement"])
 
 
 @pytest.mark.parametrize("dense", [0, 1])

@@ -68,8 +68,7 @@ class MoE(nnx.Module):
             topk_idx, weights, logits = route(x, self.gate[...], self.expert_bias[...], c)
             token_of_row, order, group_sizes = sort_by_expert(topk_idx, c.num_experts)
             y_rows = expert_ffn(x[token_of_row].astype(dt), group_sizes, *experts, impl=impl, interpret=interpret)
-            w_rows = weights.reshape(-1)[order].astype(dt)
-            y = jnp.zeros((b * t, d), dt).at[token_of_row].add(y_rows * w_rows[:, None])
+            y = expert_parallel.combine_rows(y_rows, weights.reshape(-1)[order], token_of_row, b * t)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         aux = {"load": group_sizes, "topk_idx": topk_idx.reshape(b, t, -1), "router_logits": logits.reshape(b, t, -1)}
