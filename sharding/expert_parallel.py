@@ -22,7 +22,7 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from sharding.mesh import active_mesh, axis_size
-from sharding.rules import logical_to_spec, mesh_axes
+from sharding.rules import constrain, logical_to_spec, mesh_axes
 
 
 def dispatch_kind() -> str:
@@ -165,5 +165,7 @@ def routed_experts(x_btd, gate_de, bias_e, w_gate, w_up, w_down, *, route, sort,
                         out_specs=(tok_spec, tok_spec, tok_spec, P()), check_vma=False)(
         x_btd, valid_bt, gate_de, bias_e, w_gate, w_up, w_down)
     y, topk, logits, load = out
-    return y[:b], topk[:b], logits[:b], load
+    # Pinned to the residual stream's layout: left to propagation, adding the shared expert's output (a partial sum
+    # over tensor) to these rows gave wrong rows inside the layer scan on data2·fsdp2·tensor2 (jax 0.10.2, XLA:CPU).
+    return constrain(y[:b], ("batch", "length", "act_embed")), topk[:b], logits[:b], load
 

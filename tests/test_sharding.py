@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from flax import nnx
 from jax import lax
-from jax.sharding import PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 import ling
 import sharding
@@ -317,6 +317,37 @@ def test_generate_under_mesh_matches_golden():
     np.testing.assert_array_equal(new, golden["generated"])
     np.testing.assert_allclose(logits, golden["decode_logits"], atol=1e-4, rtol=0)
     assert [step._cache_size() for step in steps] == [1, 1]
+
+
+@pytest.mark.parametrize("name", ["tiny-a", "odd-heads"])
+def test_one_row_per_data_shard_matches_golden(name):
+    """The fixture's 2 x 40 tokens on data2·tensor2·context2: one row per data shard, the sequence split over
+    context, the hidden dim over tensor. The MoE layers inside the layer scan once gave wrong logits here (tokens
+    flattened across the split batch and length dims outside the expert island)."""
+    path = FIXTURE_DIR.parent / name
+    golden = dict(np.load(path / "golden.npz"))
+    mesh = sharding.make_mesh({"data": 2, "tensor": 2, "context": 2})
+    with jax.set_mesh(mesh):
+        model = ling.from_pretrained(path, dtype=jnp.float32, mesh=mesh)
+        logits = model(jnp.asarray(golden["input_ids"]))
+    np.testing.assert_allclose(np.asarray(logits), golden["logits"], atol=1e-4, rtol=0)
+
+
+def test_moe_in_a_layer_scan_with_padded_decode_rows():
+    """A stacked MoE run scanned over 2 decode rows on data2·fsdp2·tensor2: the expert island pads the rows to the 4
+    batch shards, and its sliced output plus the shared expert's partial sums once came out wrong in the scan."""
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 1, 64)), jnp.float32)
+
+    def run(mlps, x):
+        graphdef, state = nnx.split(mlps)
+        return jax.lax.scan(lambda x, s: (x + nnx.merge(graphdef, s)(x)[0], None), x, state)[0]
+
+    want = jax.jit(run)(ling.from_pretrained(FIXTURE_DIR, dtype=jnp.float32).head[1].mlp, x)
+    with jax.set_mesh(mesh):
+        mlps = ling.from_pretrained(FIXTURE_DIR, dtype=jnp.float32, mesh=mesh).head[1].mlp
+        got = jax.jit(run)(mlps, jax.device_put(x, NamedSharding(mesh, P("data", None, "tensor"))))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=0)
 
 
 def test_generate_with_pallas_kernels_in_islands():

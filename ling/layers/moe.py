@@ -55,21 +55,24 @@ class MoE(nnx.Module):
         aux["topk_idx"] [B, T, k] and aux["router_logits"] [B, T, E]."""
         c, dt = self.config, self.dtype
         b, t, d = x_btd.shape
-        x = x_btd.reshape(b * t, d)
         impl, interpret = kernel_impl(c)
         experts = (self.gate_proj[...].astype(dt), self.up_proj[...].astype(dt), self.down_proj[...].astype(dt))
         if active_mesh() is not None:  # shard_map island: expert-parallel dispatch, tensor-parallel experts
-            y, topk_idx, logits, group_sizes = expert_parallel.routed_experts(
+            # Tokens stay [B, T, D] outside the island: merging batch and length dims that are split over mesh axes
+            # gave wrong results inside the layer scan on data2·tensor2·context2 (XLA:CPU, jax 0.10.2; both
+            # partitioners), while the island flattens its local block safely.
+            y_btd, topk_idx, logits, group_sizes = expert_parallel.routed_experts(
                 x_btd, self.gate[...], self.expert_bias[...], *experts, dtype=dt,
                 route=functools.partial(route, config=c), sort=sort_by_expert,
                 ffn=functools.partial(expert_ffn, impl=impl, interpret=interpret))
-            y = y.reshape(b * t, d)
         else:
+            x = x_btd.reshape(b * t, d)
             topk_idx, weights, logits = route(x, self.gate[...], self.expert_bias[...], c)
             token_of_row, order, group_sizes = sort_by_expert(topk_idx, c.num_experts)
             y_rows = expert_ffn(x[token_of_row].astype(dt), group_sizes, *experts, impl=impl, interpret=interpret)
-            y = expert_parallel.combine_rows(y_rows, weights.reshape(-1)[order], token_of_row, b * t)
+            y_btd = expert_parallel.combine_rows(y_rows, weights.reshape(-1)[order], token_of_row, b * t).reshape(
+                b, t, d)
         if self.shared_experts is not None:
-            y = y + self.shared_experts(x)
+            y_btd = y_btd + self.shared_experts(x_btd)
         aux = {"load": group_sizes, "topk_idx": topk_idx.reshape(b, t, -1), "router_logits": logits.reshape(b, t, -1)}
-        return y.reshape(b, t, d), aux
+        return y_btd, aux
