@@ -14,11 +14,8 @@ from ling.layers.params import param
 from sharding.rules import constrain
 
 # Residual-stream layout between blocks: batch and sequence split as the rules say, the hidden dim split over
-# tensor ("act_embed") for training, where the saved layer inputs would otherwise be replicated over tensor.
-# With a decode cache there is no backward pass, and splitting the hidden dim there gave wrong rows on
-# data x tensor meshes (docs/sharding.md, known gaps), so cached passes keep it whole.
+# tensor ("act_embed"), so the layer inputs saved for the backward pass are not replicated over tensor.
 _RESIDUAL = ("batch", "length", "act_embed")
-_RESIDUAL_CACHED = ("batch", "length", None)
 
 
 class DecoderBlock(nnx.Module):
@@ -45,8 +42,7 @@ class DecoderBlock(nnx.Module):
         aux holds "load" [E] for MoE layers and, when `collect`, "hidden" (the residual after this layer) and the
         router's "topk_idx" / "router_logits".
         """
-        layout = _RESIDUAL_CACHED if ctx.cached else _RESIDUAL
-        x_btd = constrain(x_btd, layout)
+        x_btd = constrain(x_btd, _RESIDUAL)
         h = self.input_layernorm(x_btd)
         if self.mla:
             attn, new_cache = self.attention(h, ctx, cache)
@@ -63,7 +59,7 @@ class DecoderBlock(nnx.Module):
                 aux.update(topk_idx=moe_aux["topk_idx"], router_logits=moe_aux["router_logits"])
         else:
             y = self.mlp(h)
-        x = constrain(x + y.astype(x.dtype), layout)
+        x = constrain(x + y.astype(x.dtype), _RESIDUAL)
         if collect:
             aux["hidden"] = x
         return x, new_cache, aux

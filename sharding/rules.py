@@ -38,7 +38,7 @@ DEFAULT_RULES: dict = {
     "length": "context",
     # The residual stream's hidden dim between blocks: split over tensor (sequence-parallel style), so the layer
     # inputs kept for the backward pass are not replicated across tensor shards; the tensor all-reduce becomes a
-    # reduce-scatter + all-gather of the same volume. Cached (inference) passes keep it whole (ling/block.py).
+    # reduce-scatter + all-gather of the same volume.
     "act_embed": "tensor",
 }
 

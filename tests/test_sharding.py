@@ -350,6 +350,19 @@ def test_moe_in_a_layer_scan_with_padded_decode_rows():
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("axes", [{"data": 2, "fsdp": 2, "tensor": 2}, {"data": 2, "tensor": 2, "expert": 2}])
+def test_generate_with_the_hidden_dim_split(axes):
+    """Two rows over four batch shards, the residual stream's hidden dim over tensor in prefill and decode: the
+    expert island pads the rows, which once gave row 1 wrong tokens from the first decode step's MoE layer on."""
+    golden = dict(np.load(FIXTURE_DIR / "golden.npz"))
+    mesh = sharding.make_mesh(axes)
+    with jax.set_mesh(mesh):
+        model = ling.from_pretrained(FIXTURE_DIR, dtype=jnp.float32, mesh=mesh)
+        new, logits = ling.generate(model, golden["input_ids"], max_new_tokens=8, return_logits=True)
+    np.testing.assert_array_equal(new, golden["generated"])
+    np.testing.assert_allclose(logits, golden["decode_logits"], atol=1e-4, rtol=0)
+
+
 def test_generate_with_pallas_kernels_in_islands():
     """Interpreted TPU kernels under data2 x tensor2 x context2: cached prefill split over context (each shard's
     queries at their offset in the cache window), decode with rows over data and heads over tensor."""
