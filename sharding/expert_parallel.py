@@ -148,10 +148,11 @@ def routed_experts(x_btd, gate_de, bias_e, w_gate, w_up, w_down, *, route, sort,
     pad = -b % axis_size(mesh, mesh_axes("batch", mesh))
     valid_bt = jnp.ones(x_btd.shape[:2], bool)
     if pad:  # decode batches smaller than the batch axes: pad rows, masked out of the load, dropped after.
-        # The rows are gathered first: padding rows split over fewer batch shards than the island uses and letting
-        # XLA move them gave row 1 another row's tokens on data2·fsdp2·tensor2 (jax 0.10.2, XLA:CPU). Small: this
-        # only happens for batches smaller than the batch shards.
-        x_btd = jnp.pad(jax.lax.with_sharding_constraint(x_btd, P()), ((0, pad), (0, 0), (0, 0)))
+        # The rows are gathered over the batch axes first: padding rows split over fewer batch shards than the
+        # island uses and letting XLA move them gave row 1 another row's tokens on data2·fsdp2·tensor2 (jax 0.10.2,
+        # XLA:CPU). Only batches smaller than the batch shards take this path; the sequence stays split.
+        x_btd = constrain(x_btd, (None, "length", None))
+        x_btd = jnp.pad(x_btd, ((0, pad), (0, 0), (0, 0)))
         valid_bt = jnp.pad(valid_bt, ((0, pad), (0, 0)))
     tok_spec = logical_to_spec(("batch", "length", None), x_btd.shape, mesh)
     token_axes = tuple(a for entry in tok_spec for a in ((entry,) if isinstance(entry, str) else entry or ()))
