@@ -42,10 +42,12 @@ def _tensor_files(directory: str) -> dict[str, str]:
     for path in paths:
         with _open(path) as f:
             for name in f.keys():
-                if files.get(name, path) not in (path, *indexed):
-                    raise ValueError(f"tensor {name} is in both {os.path.basename(files[name])} and "
+                owner = files.get(name)
+                if owner is None:
+                    files[name] = path
+                elif owner not in indexed:  # the index is authoritative; two unindexed files are ambiguous
+                    raise ValueError(f"tensor {name} is in both {os.path.basename(owner)} and "
                                      f"{os.path.basename(path)} of {directory}")
-                files.setdefault(name, path)
     return files
 
 
