@@ -195,7 +195,7 @@ class LingModel(nnx.Module):
 
         (x, pool), (lightning, aux) = apply_stacked(
             self.groups, (x, pool), (jnp.arange(n), None if cache is None else cache["lightning"]), body,
-            scan=self.scan_layers, remat=Remat.NONE)
+            scan=self.scan_layers, remat=None)
         aux = jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), aux)  # [n_groups, G, ...] -> layer order
         entries = None if cache is None else {"lightning": lightning, "mla": stacked_pool(pool, n, pages)}
         return x, entries, aux

@@ -19,16 +19,31 @@ from ling.block import DecoderBlock
 from ling.config import LingConfig
 
 
-class Remat(str, enum.Enum):
-    """What a scanned layer keeps for the backward pass."""
+# Under Remat.NONE the results of these primitives are not kept: the backward pass recomputes them from the kept
+# values they derive from, inside its own fused kernels. Keeping them costs memory and, in a scanned stack, a
+# stacking buffer per value written in the forward and sliced in the backward (each a kernel to compile);
+# recomputing them costs no matmul, gather, sort or kernel call.
+_RECOMPUTED = frozenset({
+    "abs", "add", "and", "broadcast_in_dim", "concatenate", "convert_element_type", "cos", "div", "dynamic_slice",
+    "eq", "exp", "expand_dims", "ge", "gt", "integer_pow", "iota", "le", "log", "logistic", "lt", "max", "min", "mul",
+    "ne", "neg", "not", "or", "pad", "reduce_max", "reduce_min", "reduce_sum", "reshape", "rsqrt", "select_n", "sign",
+    "sin", "slice", "sqrt", "square", "squeeze", "sub", "tanh", "transpose"})
 
-    NONE = "none"  # keep every activation
+
+def _keep_costly(prim, *_, **__) -> bool:
+    return prim.name not in _RECOMPUTED
+
+
+class Remat(str, enum.Enum):
+    """What a layer keeps for the backward pass."""
+
+    NONE = "none"  # keep every matmul, gather, sort and kernel output; redo elementwise ops and reductions
     FULL = "full"  # keep only the layer inputs; recompute the rest
     DOTS = "dots"  # keep matmul outputs without batch dims (weights-stationary matmuls)
 
     def policy(self):
-        return {Remat.FULL: jax.checkpoint_policies.nothing_saveable,
-                Remat.DOTS: jax.checkpoint_policies.dots_with_no_batch_dims_saveable}.get(self)
+        return {Remat.NONE: _keep_costly, Remat.FULL: jax.checkpoint_policies.nothing_saveable,
+                Remat.DOTS: jax.checkpoint_policies.dots_with_no_batch_dims_saveable}[self]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,11 +87,12 @@ def stack_modules(make: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs
     return build(rngs)
 
 
-def apply_stacked(stacked: nnx.Module, carry, xs, body, *, scan: bool, remat: Remat):
+def apply_stacked(stacked: nnx.Module, carry, xs, body, *, scan: bool, remat: Remat | None):
     """Fold `body(module, carry, x) -> (carry, y)` over the leading axis of a stacked module and of `xs`.
 
     scan=True uses `jax.lax.scan` (one compiled layer); scan=False unrolls a Python loop over the same
-    parameters (for testing the scan and for tiny models).
+    parameters (for testing the scan and for tiny models). remat=None applies no policy at this level (a body that
+    applies its own per layer).
     """
     graphdef, state = nnx.split(stacked)
 
@@ -84,7 +100,7 @@ def apply_stacked(stacked: nnx.Module, carry, xs, body, *, scan: bool, remat: Re
         st, x = inp
         return body(nnx.merge(graphdef, st), carry, x)
 
-    if remat is not Remat.NONE:
+    if remat is not None:
         step = jax.checkpoint(step, policy=remat.policy(), prevent_cse=not scan)
     if scan:
         return jax.lax.scan(step, carry, (state, xs))
@@ -139,10 +155,8 @@ def stacked_pool(pool: dict, n: int, pages: int) -> dict:
 
 
 def call_block(block: DecoderBlock, x, ctx, layer_idx, entry, collect: bool, remat: Remat):
-    """block(x, ...) under the remat policy (the layer's input is what the backward pass keeps). Functional
-    (split, checkpoint a pure function, merge inside) so it composes with any outer trace."""
-    if remat is Remat.NONE:
-        return block(x, ctx, layer_idx, entry, collect)
+    """block(x, ...) under the remat policy. Functional (split, checkpoint a pure function, merge inside) so it
+    composes with any outer trace."""
     graphdef, state = nnx.split(block)
 
     def f(state, x, entry):

@@ -1,10 +1,14 @@
 """Model invariants on random tiny configs: cached decode == full forward, scan == unrolled, packed documents,
 MTP, bf16 vs fp32, and a compile graph that does not grow with depth."""
+import contextlib
+import io
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.ad_checkpoint import print_saved_residuals
 
 import ling
 from ling.layers.context import ForwardContext
@@ -139,3 +143,41 @@ def test_compiled_graph_does_not_grow_with_depth(dense):
         return len(hlo.splitlines())
     small, large = size(8), size(64)
     assert large < 1.1 * small, (small, large)
+
+
+def _count_primitive(jaxpr, name: str) -> int:
+    """Equations named `name` in a jaxpr and every jaxpr nested in its equations (scan bodies, remat, custom_vjp)."""
+    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+    n = 0
+    for eqn in jaxpr.eqns:
+        n += eqn.primitive.name == name
+        for v in eqn.params.values():
+            for sub in (v if isinstance(v, (tuple, list)) else (v,)):
+                if hasattr(sub, "eqns") or hasattr(getattr(sub, "jaxpr", None), "eqns"):
+                    n += _count_primitive(sub, name)
+    return n
+
+
+def test_remat_none_recomputes_no_matmul(monkeypatch):
+    """Remat.NONE recomputes elementwise results and reductions in the backward pass instead of keeping them: it
+    keeps fewer values than keeping everything and runs exactly as many matmuls (remat full, which recomputes, runs
+    more)."""
+    c = CONFIGS["tiny"]
+    ids = ids_for(c)
+
+    def profile(remat):
+        graphdef, state = nnx.split(make(c, remat=remat))
+        loss = lambda s: nnx.merge(graphdef, s)(ids).mean()
+        jaxpr = jax.make_jaxpr(jax.grad(loss))(state)
+        dots = _count_primitive(jaxpr, "dot_general") + _count_primitive(jaxpr, "ragged_dot_general")
+        listing = io.StringIO()
+        with contextlib.redirect_stdout(listing):
+            print_saved_residuals(loss, state)
+        return dots, len(listing.getvalue().splitlines())
+
+    dots, kept = profile("none")
+    full_dots, _ = profile("full")
+    monkeypatch.setattr(ling.stack, "_keep_costly", jax.checkpoint_policies.everything_saveable)
+    all_dots, all_kept = profile("none")
+    assert dots == all_dots < full_dots, (dots, all_dots, full_dots)
+    assert kept < all_kept, (kept, all_kept)
