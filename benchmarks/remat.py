@@ -9,7 +9,6 @@ import statistics
 import time
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 import ling
