@@ -1,5 +1,5 @@
 """Model invariants on random tiny configs: cached decode == full forward, scan == unrolled, packed documents,
-MTP, bf16 vs fp32, and a compile graph that does not grow with depth."""
+MTP, bf16 vs fp32, a compile graph that does not grow with depth, and remat none recomputing no matmul."""
 import contextlib
 import io
 
