@@ -22,13 +22,19 @@ from trainer.optimizer import OptimizerConfig, make_optimizer
 from trainer.step import StepConfig, init_train_state, split_model, train_step
 
 
+def sized_config(layers: int, hidden: int, group: int, dense_layers: int, **overrides) -> ling.LingConfig:
+    """A small Ling 2.5 whose every width follows `hidden` (4 heads, 16 experts top-2 in 4 groups), for benchmarks
+    that vary depth or policy at a fixed width."""
+    return ling.LingConfig(vocab_size=1024, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                           num_attention_heads=4, head_dim=hidden // 4, layer_group_size=group, group_norm_size=4,
+                           num_experts=16, num_experts_per_tok=2, n_group=4, topk_group=2,
+                           moe_intermediate_size=hidden // 2, first_k_dense_replace=dense_layers,
+                           kv_lora_rank=hidden // 2, q_lora_rank=hidden // 2, qk_nope_head_dim=hidden // 4,
+                           qk_rope_head_dim=hidden // 8, v_head_dim=hidden // 4, **overrides)
+
+
 def compile_seconds(layers: int, hidden: int, seq: int, group: int, dense_layers: int, remat: str, kind: str) -> float:
-    c = ling.LingConfig(vocab_size=1024, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                        num_attention_heads=4, head_dim=hidden // 4, layer_group_size=group, group_norm_size=4,
-                        num_experts=16, num_experts_per_tok=2, n_group=4, topk_group=2,
-                        moe_intermediate_size=hidden // 2, first_k_dense_replace=dense_layers, kv_lora_rank=hidden // 2,
-                        q_lora_rank=hidden // 2, qk_nope_head_dim=hidden // 4, qk_rope_head_dim=hidden // 8,
-                        v_head_dim=hidden // 4, attention_impl="reference")
+    c = sized_config(layers, hidden, group, dense_layers, attention_impl="reference")
     make = lambda: ling.LingModel(c, rngs=nnx.Rngs(0), remat=remat)
     ids = jax.ShapeDtypeStruct((1, seq), jnp.int32)
     if kind == "step":

@@ -13,6 +13,7 @@ from flax import nnx
 
 import ling
 import ling.stack
+from compile_time import sized_config
 
 
 def measure(c: ling.LingConfig, remat: str, ids, repeats: int) -> tuple[float, float]:
@@ -38,11 +39,7 @@ def main():
     p.add_argument("--repeats", type=int, default=7)
     a = p.parse_args()
     h = a.hidden
-    c = ling.LingConfig(vocab_size=1024, hidden_size=h, intermediate_size=2 * h, num_hidden_layers=a.layers,
-                        num_attention_heads=4, head_dim=h // 4, layer_group_size=8, group_norm_size=4,
-                        num_experts=16, num_experts_per_tok=2, n_group=4, topk_group=2, moe_intermediate_size=h // 2,
-                        first_k_dense_replace=1, kv_lora_rank=h // 2, q_lora_rank=h // 2, qk_nope_head_dim=h // 4,
-                        qk_rope_head_dim=h // 8, v_head_dim=h // 4)
+    c = sized_config(a.layers, h, group=8, dense_layers=1)
     ids = jax.random.randint(jax.random.key(0), (a.batch, a.seq), 0, c.vocab_size)
     keep_costly = ling.stack._keep_costly
     ling.stack._keep_costly = jax.checkpoint_policies.everything_saveable  # `none` without its recompute list
